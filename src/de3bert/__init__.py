@@ -1,0 +1,1 @@
+"""DE³-BERT: distance-enhanced early exiting for BERT-family classifiers."""

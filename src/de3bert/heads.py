@@ -1,0 +1,66 @@
+"""The exit head attached to every layer: an internal classifier plus a prototypical network."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DISTANCES = ("sqeuclidean", "cosine")
+
+
+@dataclass
+class HeadOutput:
+    """What one exit head produces for a batch.
+
+    logits: (B, C) classifier logits z (C = 1 for regression).
+    distances: (B, C) distances r_k from the embedding to each class prototype, or None when the
+        prototypical network was not evaluated (regression, or a policy that does not read it).
+    """
+
+    logits: torch.Tensor
+    distances: torch.Tensor | None = None
+
+
+def prototype_distances(embeddings: torch.Tensor, prototypes: torch.Tensor, metric: str) -> torch.Tensor:
+    """Distances (B, C) between embeddings e (B, d) and prototypes P (C, d).
+
+    sqeuclidean: r_k = ||e - P_k||² (DESIGN §1, default); cosine: r_k = 1 - cos(e, P_k).
+    """
+    if metric == "sqeuclidean":
+        return (embeddings.unsqueeze(1) - prototypes.unsqueeze(0)).pow(2).sum(-1)
+    if metric == "cosine":
+        return 1.0 - F.normalize(embeddings, dim=-1) @ F.normalize(prototypes, dim=-1).T
+    raise ValueError(f"unknown distance '{metric}'; choose one of {DISTANCES}")
+
+
+class ExitHead(nn.Module):
+    """Pooler (dense + tanh on [CLS]) → dropout → classifier, and mapping g + prototypes P."""
+
+    def __init__(self, hidden_size: int, num_labels: int, prototype_dim: int | None, distance: str, dropout: float):
+        super().__init__()
+        self.pooler = nn.Linear(hidden_size, hidden_size)
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(hidden_size, num_labels)
+        self.distance = distance
+        if prototype_dim:
+            self.projection = nn.Linear(hidden_size, prototype_dim)
+            self.prototypes = nn.Parameter(torch.empty(num_labels, prototype_dim))
+        else:
+            self.projection = None
+            self.register_parameter("prototypes", None)
+
+    @property
+    def has_prototypes(self) -> bool:
+        """Whether this head carries a prototypical network."""
+        return self.projection is not None
+
+    def forward(self, cls_hidden: torch.Tensor, with_prototypes: bool = True) -> HeadOutput:
+        """Logits and (optionally) prototype distances for the [CLS] hidden states (B, H)."""
+        pooled = self.dropout(torch.tanh(self.pooler(cls_hidden)))
+        logits = self.classifier(pooled)
+        if not (with_prototypes and self.has_prototypes):
+            return HeadOutput(logits)
+        return HeadOutput(logits, prototype_distances(self.projection(pooled), self.prototypes, self.distance))

@@ -1,0 +1,59 @@
+"""The model card (README.md) written into every checkpoint directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from de3bert.policies import PAPER_NAMES
+
+
+def _table(rows: list[dict], columns: list[str]) -> str:
+    head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
+    return head + "".join("| " + " | ".join(_cell(row.get(c)) for c in columns) + " |\n" for row in rows)
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def render_model_card(config) -> str:
+    """Markdown model card for an EarlyExitConfig: backbone, task, data, per-layer metrics, trade-off."""
+    training = config.training or {}
+    lines = [
+        f"# de3bert early-exit model: {config.task}",
+        "",
+        f"- backbone: `{config.backbone_name}` ({config.backbone.get('model_type')}, "
+        f"{config.backbone.get('num_hidden_layers')} layers, hidden {config.backbone.get('hidden_size')})",
+        f"- task: `{config.task}`, labels: {config.labels or 'regression score'}",
+        f"- exit heads: prototype dim {config.heads.prototype_dim or 'hidden size'}, "
+        f"distance {config.heads.distance}",
+    ]
+    if training:
+        lines.append(f"- recipe: `{training.get('recipe')}`, epochs {training.get('epochs')}, "
+                     f"learning rate {training.get('learning_rate')}, seed {training.get('seed')}, "
+                     f"training examples {training.get('train_examples')}")
+    if config.policy:
+        lines.append(f"- default exit policy: {PAPER_NAMES.get(config.policy['criterion'], config.policy['criterion'])} "
+                     f"τ={config.policy['threshold']:.4g}, patience {config.policy['patience']}")
+    layer_metrics = training.get("layer_metrics")
+    if layer_metrics:
+        lines += ["", "## Metric of every exit (dev)", "", _table(layer_metrics, list(layer_metrics[0]))]
+    if config.calibration:
+        lines += ["", "## Calibrated trade-off", "",
+                  "Thresholds calibrated on a held-out calibration split to a target layer speed-up; "
+                  "measured on dev.", "", _table(config.calibration, list(config.calibration[0]))]
+    lines += [
+        "", "## Use", "", "```python", "from de3bert import EarlyExitModel, EarlyExitEngine",
+        "model = EarlyExitModel.from_pretrained('path/to/this/folder')",
+        "engine = EarlyExitEngine(model)  # uses the calibrated policy above",
+        "print(engine.predict(['a sentence to classify']))", "```", "",
+        "or `de3bert predict path/to/this/folder --text '...'`, `de3bert serve path/to/this/folder`.", "",
+    ]
+    return "\n".join(lines)
+
+
+def write_model_card(config, directory: Path) -> None:
+    """Write README.md for a checkpoint directory."""
+    (Path(directory) / "README.md").write_text(render_model_card(config))

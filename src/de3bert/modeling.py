@@ -1,0 +1,288 @@
+"""EarlyExitModel: a backbone with an exit head on every layer, saved and loaded the Hugging Face way."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from de3bert.backbones import Backbone, backbone_from_config, count_parameters, load_backbone, resolve_backbone
+from de3bert.errors import CheckpointError
+from de3bert.heads import DISTANCES, ExitHead, HeadOutput
+from de3bert.model_card import write_model_card
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class ExitHeadConfig:
+    """Shape of the exit heads.
+
+    prototype_dim: dimension d of the metric space; None = the backbone's hidden size, 0 = no
+        prototypical network (PABEE/DeeBERT heads, regression).
+    distance: "sqeuclidean" (DESIGN default) or "cosine".
+    dropout: dropout between pooler and classifier.
+    """
+
+    prototype_dim: int | None = None
+    distance: str = "sqeuclidean"
+    dropout: float = 0.1
+
+
+@dataclass
+class EarlyExitConfig:
+    """Everything needed to rebuild a checkpoint: backbone, heads, task and the calibrated policy.
+
+    backbone: the backbone's Hugging Face config as a dict. backbone_name: where it came from.
+    labels: the task's label strings in index order (empty for regression).
+    policy: the default exit policy (ExitPolicy as a dict), calibrated after training.
+    calibration: rows of the calibrated trade-off table (policy, target and measured speed-ups).
+    training: the training arguments and results, for the model card.
+    """
+
+    backbone: dict
+    backbone_name: str
+    task: str
+    labels: list[str]
+    heads: ExitHeadConfig = field(default_factory=ExitHeadConfig)
+    max_length: int = 128
+    policy: dict | None = None
+    calibration: list[dict] = field(default_factory=list)
+    training: dict = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def num_labels(self) -> int:
+        """Output width of each classifier (1 for regression)."""
+        return len(self.labels) or 1
+
+    @property
+    def is_regression(self) -> bool:
+        """Whether the task predicts a score rather than a class."""
+        return not self.labels
+
+    def to_dict(self) -> dict:
+        """JSON-ready form (what config.json holds)."""
+        return {"de3bert": asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> EarlyExitConfig:
+        """Inverse of to_dict."""
+        body = dict(data["de3bert"])
+        body["heads"] = ExitHeadConfig(**body.get("heads", {}))
+        return cls(**body)
+
+
+@dataclass
+class EarlyExitOutput:
+    """All exit heads' outputs for a batch, layer 1 first; loss when labels were given."""
+
+    layers: list[HeadOutput]
+    loss: torch.Tensor | None = None
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """Stacked logits (M, B, C)."""
+        return torch.stack([layer.logits for layer in self.layers])
+
+
+class EarlyExitModel(nn.Module):
+    """Backbone + one ExitHead per layer; the last head is the model's final classifier."""
+
+    def __init__(self, config: EarlyExitConfig, backbone: Backbone, tokenizer: PreTrainedTokenizerBase | None = None):
+        super().__init__()
+        if config.heads.distance not in DISTANCES:
+            raise CheckpointError(f"unknown distance '{config.heads.distance}'; choose one of {DISTANCES}")
+        self.config = config
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        hidden = backbone.hidden_size
+        if config.is_regression or config.heads.prototype_dim == 0:
+            prototype_dim = 0
+        else:
+            prototype_dim = config.heads.prototype_dim or hidden
+        self.heads = nn.ModuleList(
+            ExitHead(hidden, config.num_labels, prototype_dim, config.heads.distance, config.heads.dropout)
+            for _ in range(backbone.num_layers)
+        )
+
+    @property
+    def num_layers(self) -> int:
+        """Number of layers M (= number of exits)."""
+        return self.backbone.num_layers
+
+    @classmethod
+    def from_backbone(
+        cls,
+        backbone_name: str,
+        task: str,
+        labels: list[str],
+        heads: ExitHeadConfig | None = None,
+        max_length: int = 128,
+    ) -> EarlyExitModel:
+        """New model on a pretrained backbone with freshly initialized exit heads."""
+        backbone, tokenizer = load_backbone(backbone_name)
+        pretrained_pooler = _pretrained_pooler_state(backbone_name)
+        config = EarlyExitConfig(
+            backbone=backbone.config.to_dict(), backbone_name=backbone_name, task=task, labels=list(labels),
+            heads=heads or ExitHeadConfig(), max_length=max_length,
+        )
+        model = cls(config, backbone, tokenizer)
+        model.init_heads(pretrained_pooler)
+        return model
+
+    def init_heads(self, pooler_state: dict[str, torch.Tensor] | None = None) -> None:
+        """Initialize the exit heads (normal(0, initializer_range)); poolers from a pretrained one if given."""
+        std = getattr(self.backbone.config, "initializer_range", 0.02)
+        for head in self.heads:
+            for module in head.modules():
+                if isinstance(module, nn.Linear):
+                    nn.init.normal_(module.weight, std=std)
+                    nn.init.zeros_(module.bias)
+            if head.prototypes is not None:
+                nn.init.normal_(head.prototypes, std=std)
+            if pooler_state is not None:
+                head.pooler.load_state_dict(pooler_state)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        with_prototypes: bool = True,
+    ) -> EarlyExitOutput:
+        """Every exit head's output (the training and offline-evaluation path: no early stop)."""
+        hidden = self.backbone.embed(input_ids, token_type_ids)
+        context = self.backbone.context(hidden, attention_mask)
+        layers = []
+        for index, head in enumerate(self.heads):
+            hidden = self.backbone.run_layer(index, hidden, context)
+            layers.append(head(hidden[:, 0], with_prototypes=with_prototypes))
+        return EarlyExitOutput(layers)
+
+    def overhead(self) -> dict[str, int | float]:
+        """Parameter counts of backbone, classifiers and prototypical networks (DESIGN §1)."""
+        backbone = count_parameters(self.backbone)
+        classifiers = sum(count_parameters(h.pooler) + count_parameters(h.classifier) for h in self.heads)
+        prototypes = sum(count_parameters(h.projection) + h.prototypes.numel() for h in self.heads if h.has_prototypes)
+        return {
+            "backbone_parameters": backbone,
+            "classifier_parameters": classifiers,
+            "prototype_parameters": prototypes,
+            "prototype_parameters_per_layer": prototypes // max(1, self.num_layers),
+            "overhead_fraction": (classifiers + prototypes) / backbone,
+        }
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write config.json, model.safetensors, tokenizer files and a model card, atomically."""
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, staging / WEIGHTS_NAME, metadata={"format": "pt", "de3bert_format": str(FORMAT_VERSION)})
+        (staging / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2, default=str))
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(staging)
+        write_model_card(self.config, staging)
+        _replace_directory(staging, directory)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, expected_labels: list[str] | None = None) -> EarlyExitModel:
+        """Load a checkpoint directory written by save_pretrained."""
+        directory = Path(directory)
+        config = read_config(directory)
+        if expected_labels is not None and list(expected_labels) != config.labels:
+            raise CheckpointError(
+                f"checkpoint {directory} was trained for labels {config.labels or '(regression)'} of task "
+                f"'{config.task}', but the data has labels {list(expected_labels) or '(regression)'}"
+            )
+        weights = directory / WEIGHTS_NAME
+        if not weights.exists():
+            raise CheckpointError(f"checkpoint {directory} has no {WEIGHTS_NAME}")
+        model = cls(config, backbone_from_config(config.backbone), _load_tokenizer(directory))
+        try:
+            state = load_file(weights)
+        except Exception as exc:  # safetensors raises its own error types for corrupt files
+            raise CheckpointError(f"{weights} cannot be read: {exc}") from exc
+        expected = model.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        reshaped = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+        if missing or unexpected or reshaped:
+            raise CheckpointError(
+                f"{weights} does not fit the model described by its config.json "
+                f"(missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {reshaped[:3]})"
+            )
+        model.load_state_dict(state)
+        model.eval()
+        return model
+
+
+def read_config(directory: Path) -> EarlyExitConfig:
+    """The EarlyExitConfig of a checkpoint directory, with errors that say what is wrong."""
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint {directory} does not exist or is not a directory")
+    path = directory / CONFIG_NAME
+    if not path.exists():
+        raise CheckpointError(f"{directory} is not a de3bert checkpoint: it has no {CONFIG_NAME}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict) or "de3bert" not in data:
+        raise CheckpointError(
+            f"{directory} is not a de3bert checkpoint: its {CONFIG_NAME} has no 'de3bert' section "
+            "(a plain Hugging Face model? pass it as --model to `de3bert train` instead)"
+        )
+    version = data["de3bert"].get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {directory} has format version {version}; this de3bert reads version {FORMAT_VERSION}"
+        )
+    try:
+        return EarlyExitConfig.from_dict(data)
+    except TypeError as exc:
+        raise CheckpointError(f"{path} has an unexpected de3bert section: {exc}") from exc
+
+
+def _load_tokenizer(directory: Path) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {directory} has no usable tokenizer files: {exc}") from exc
+
+
+def _pretrained_pooler_state(backbone_name: str) -> dict[str, torch.Tensor] | None:
+    """The pretrained pooler (dense) weights of a backbone, when its checkpoint has them."""
+    weights = Path(resolve_backbone(backbone_name)) / WEIGHTS_NAME
+    if not weights.exists():
+        return None
+    state = load_file(weights)
+    prefix = next((p for p in ("pooler.dense.", "bert.pooler.dense.", "mpnet.pooler.dense.") if p + "weight" in state), None)
+    if prefix is None:
+        return None
+    return {"weight": state[prefix + "weight"], "bias": state[prefix + "bias"]}
+
+
+def _replace_directory(staging: Path, target: Path) -> None:
+    """Move a fully written staging directory into place, so readers never see a half-written one."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+        staging.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(target)

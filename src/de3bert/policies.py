@@ -1,0 +1,204 @@
+"""Exit indicators and exit policies.
+
+Indicators are pure functions (DESIGN §1), all in [0, 1] with lower = more certain, except
+max-probability (higher = more certain). A policy turns one indicator into exit decisions, layer
+by layer, through a single mechanism shared by every criterion:
+
+    confident_m = indicator_m compared with τ      (or "argmax/output unchanged" for patience)
+    streak_m    = streak_{m-1} + 1 if confident_m else 0
+    exit at the first layer with streak_m >= patience; the last layer always exits.
+
+DeeBERT/entropy, confidence, DR and DE³/EDR use patience 1; PABEE is "prediction unchanged" with
+patience t; PCEE is "entropy < τ" with patience t; regression patience is "|Δ output| < τ" with
+patience t. The offline simulation (`simulate_exits`) and the inference engine both call
+`ExitPolicy.step`, so they cannot disagree.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from de3bert.errors import PolicyError
+from de3bert.heads import HeadOutput
+
+
+def normalized_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Ent = −Σ p log p / log C, in [0, 1] (DeeBERT's indicator, normalized)."""
+    num_classes = probs.shape[-1]
+    entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)
+    return (entropy / math.log(num_classes)).clamp(0.0, 1.0)
+
+
+def max_probability(probs: torch.Tensor) -> torch.Tensor:
+    """Confidence max_k p_k (higher = more certain)."""
+    return probs.max(-1).values
+
+
+def distance_ratio(probs: torch.Tensor, distances: torch.Tensor) -> torch.Tensor:
+    """DR = 0.5·(1 + (r1 − r2)/max(r1, r2)), r1 = distance to the predicted class's prototype,
+    r2 = nearest other prototype. DR > 0.5 when the classifier disagrees with the geometry."""
+    predicted = probs.argmax(-1, keepdim=True)
+    r1 = distances.gather(-1, predicted).squeeze(-1)
+    r2 = distances.scatter(-1, predicted, float("inf")).min(-1).values
+    largest = torch.maximum(r1, r2)
+    ratio = torch.where(largest > 0, (r1 - r2) / largest.clamp_min(1e-30), torch.zeros_like(r1))
+    return (0.5 * (1.0 + ratio)).clamp(0.0, 1.0)
+
+
+def hybrid_indicator(entropy: torch.Tensor, ratio: torch.Tensor, lam: float = 1.0) -> torch.Tensor:
+    """EDR = (λ + 1) / (λ/DR + 1/Ent), the weighted harmonic mean; 0 where Ent or DR is 0."""
+    safe_entropy = entropy.clamp_min(1e-30)
+    safe_ratio = ratio.clamp_min(1e-30)
+    edr = (lam + 1.0) / (lam / safe_ratio + 1.0 / safe_entropy)
+    return torch.where((entropy <= 0) | (ratio <= 0), torch.zeros_like(edr), edr)
+
+
+# criterion -> (reads prototypes, confident when indicator is below τ (True) or above (False))
+CRITERIA = {
+    "edr": (True, True),
+    "entropy": (False, True),
+    "confidence": (False, False),
+    "dr": (True, True),
+    "pcee": (False, True),
+    "patience": (False, True),
+    "regression-patience": (False, True),
+}
+PAPER_NAMES = {
+    "edr": "DE³ (EDR)", "entropy": "DeeBERT (entropy)", "confidence": "max-probability",
+    "dr": "DR only", "pcee": "PCEE (entropy+patience)", "patience": "PABEE (patience)",
+    "regression-patience": "patience (regression)",
+}
+
+
+@dataclass
+class ExitState:
+    """Per-row state carried from layer to layer: the confident streak and the last output."""
+
+    streak: torch.Tensor  # (B,) long
+    previous: torch.Tensor | None  # (B,) last prediction (class index or regression value)
+
+    def select(self, rows: torch.Tensor) -> ExitState:
+        """State of the given rows only (the engine drops rows that exited)."""
+        return ExitState(self.streak[rows], None if self.previous is None else self.previous[rows])
+
+
+@dataclass
+class ExitStep:
+    """What a policy decided at one layer for a batch."""
+
+    exits: torch.Tensor  # (B,) bool
+    indicator: torch.Tensor  # (B,) float, the criterion's value at this layer
+    prediction: torch.Tensor  # (B,) class index, or regression value
+    state: ExitState
+
+
+@dataclass
+class ExitPolicy:
+    """An exit criterion with its threshold τ, patience t and EDR weight λ.
+
+    criterion: one of CRITERIA. threshold: τ — for "patience" it is unused (the criterion is
+    "prediction unchanged"), for "regression-patience" it is the tolerance on |Δ output|.
+    patience: consecutive confident layers needed to exit (1 = exit at the first confident one).
+    lam: λ of the hybrid indicator (EDR only).
+    """
+
+    criterion: str = "edr"
+    threshold: float = 0.5
+    patience: int = 1
+    lam: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.criterion not in CRITERIA:
+            raise PolicyError(f"unknown exit criterion '{self.criterion}'; choose one of {', '.join(CRITERIA)}")
+        if self.patience < 1:
+            raise PolicyError(f"patience must be at least 1, got {self.patience}")
+        if self.criterion != "regression-patience" and not 0.0 <= self.threshold <= 1.0:
+            raise PolicyError(f"threshold of '{self.criterion}' must lie in [0, 1], got {self.threshold}")
+        if self.lam <= 0:
+            raise PolicyError(f"λ must be positive, got {self.lam}")
+
+    @property
+    def needs_prototypes(self) -> bool:
+        """Whether the policy reads prototype distances (so the engine must compute them)."""
+        return CRITERIA[self.criterion][0]
+
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+        return asdict(self)
+
+    def initial_state(self, batch_size: int, device: torch.device | None = None) -> ExitState:
+        """State before layer 1."""
+        return ExitState(torch.zeros(batch_size, dtype=torch.long, device=device), None)
+
+    def indicator(self, output: HeadOutput, previous: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(indicator value, prediction) of one layer's head output."""
+        logits = output.logits.float()
+        if self.criterion == "regression-patience":
+            value = logits.squeeze(-1)
+            delta = torch.full_like(value, math.inf) if previous is None else (value - previous).abs()
+            return delta, value
+        probs = logits.softmax(-1)
+        prediction = probs.argmax(-1)
+        if self.criterion == "patience":
+            changed = torch.ones_like(prediction, dtype=torch.bool) if previous is None else prediction != previous
+            return changed.float(), prediction
+        if self.criterion in ("entropy", "pcee"):
+            return normalized_entropy(probs), prediction
+        if self.criterion == "confidence":
+            return max_probability(probs), prediction
+        if output.distances is None:
+            raise PolicyError(f"criterion '{self.criterion}' needs prototype distances, but the head gave none")
+        ratio = distance_ratio(probs, output.distances.float())
+        if self.criterion == "dr":
+            return ratio, prediction
+        return hybrid_indicator(normalized_entropy(probs), ratio, self.lam), prediction
+
+    def confident(self, indicator: torch.Tensor) -> torch.Tensor:
+        """Whether each row is confident at this layer."""
+        if self.criterion == "patience":
+            return indicator < 0.5  # indicator is 1 where the prediction changed
+        below = CRITERIA[self.criterion][1]
+        return indicator < self.threshold if below else indicator > self.threshold
+
+    def step(self, output: HeadOutput, state: ExitState, is_last: bool) -> ExitStep:
+        """Exit decisions at one layer from its head output and the carried state."""
+        indicator, prediction = self.indicator(output, state.previous)
+        streak = torch.where(self.confident(indicator), state.streak + 1, torch.zeros_like(state.streak))
+        exits = streak >= self.patience
+        if is_last:
+            exits = torch.ones_like(exits)
+        return ExitStep(exits, indicator, prediction, ExitState(streak, prediction))
+
+
+@dataclass
+class SimulatedExits:
+    """Offline exit decisions for N samples given all layers' outputs."""
+
+    exit_layers: torch.Tensor  # (N,) 1-based layer each sample left at
+    predictions: torch.Tensor  # (N,) prediction taken at that layer
+    indicators: torch.Tensor  # (N,) the criterion's value at the exit layer
+
+
+def simulate_exits(policy: ExitPolicy, outputs: list[HeadOutput]) -> SimulatedExits:
+    """Where each sample exits under a policy, from every layer's head output (all computed)."""
+    num_layers, batch = len(outputs), outputs[0].logits.shape[0]
+    state = policy.initial_state(batch, outputs[0].logits.device)
+    exit_layers = torch.zeros(batch, dtype=torch.long)
+    predictions = torch.zeros(batch, dtype=outputs[0].logits.dtype if outputs[0].logits.shape[-1] == 1 else torch.long)
+    indicators = torch.zeros(batch)
+    for index, output in enumerate(outputs):
+        step = policy.step(output, state, is_last=index == num_layers - 1)
+        newly = step.exits.cpu() & (exit_layers == 0)
+        exit_layers[newly] = index + 1
+        predictions[newly] = step.prediction.cpu()[newly].to(predictions.dtype)
+        indicators[newly] = step.indicator.cpu()[newly].float()
+        state = step.state
+    return SimulatedExits(exit_layers, predictions, indicators)
+
+
+def speedup_ratio(exit_layers: torch.Tensor, num_layers: int) -> float:
+    """Layer speed-up M·N / Σ_i m_i."""
+    return num_layers * exit_layers.numel() / float(exit_layers.sum())

@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny randomly initialized backbones and models, so unit tests stay fast."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoTokenizer, BertConfig, BertModel, MPNetConfig, MPNetModel
+
+from de3bert.backbones import Backbone, resolve_backbone
+from de3bert.modeling import EarlyExitConfig, EarlyExitModel, ExitHeadConfig
+
+TINY = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64, vocab_size=30522,
+            max_position_embeddings=128)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The embedded MiniLM WordPiece tokenizer (vocabulary 30522, offline)."""
+    return AutoTokenizer.from_pretrained(resolve_backbone("minilm-l6"))
+
+
+def tiny_bert() -> BertModel:
+    """A 4-layer, 32-wide random BERT."""
+    torch.manual_seed(0)
+    return BertModel(BertConfig(**TINY)).eval()
+
+
+def tiny_mpnet() -> MPNetModel:
+    """A 4-layer, 32-wide random MPNet."""
+    torch.manual_seed(0)
+    return MPNetModel(MPNetConfig(**TINY)).eval()
+
+
+def tiny_model(labels=("neg", "pos"), tokenizer=None, **head_kwargs) -> EarlyExitModel:
+    """A tiny random EarlyExitModel on a 4-layer BERT."""
+    backbone = Backbone(tiny_bert())
+    config = EarlyExitConfig(backbone=backbone.config.to_dict(), backbone_name="tiny-bert", task="tiny",
+                             labels=list(labels), heads=ExitHeadConfig(**head_kwargs))
+    model = EarlyExitModel(config, backbone, tokenizer)
+    torch.manual_seed(1)
+    model.init_heads()
+    return model.eval()
+
+
+def padded_batch(batch_size: int = 5, max_len: int = 12, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random token ids with right padding of varying lengths."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(3, max_len + 1, (batch_size,), generator=generator)
+    lengths[0] = max_len
+    input_ids = torch.randint(1000, 2000, (batch_size, max_len), generator=generator)
+    positions = torch.arange(max_len).unsqueeze(0)
+    attention_mask = (positions < lengths.unsqueeze(1)).long()
+    input_ids = input_ids * attention_mask
+    input_ids[:, 0] = 101
+    return {"input_ids": input_ids, "attention_mask": attention_mask}

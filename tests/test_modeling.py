@@ -1,0 +1,92 @@
+import json
+
+import pytest
+import torch
+
+from de3bert.errors import CheckpointError
+from de3bert.modeling import EarlyExitModel
+from tests.conftest import padded_batch, tiny_model
+
+
+def test_forward_gives_every_layer(tokenizer):
+    model = tiny_model(tokenizer=tokenizer)
+    output = model(**padded_batch())
+    assert len(output.layers) == 4
+    assert output.logits.shape == (4, 5, 2)
+    assert output.layers[0].distances.shape == (5, 2)
+    assert (output.layers[0].distances >= 0).all()
+    assert model(**padded_batch(), with_prototypes=False).layers[0].distances is None
+
+
+def test_prototype_dim_and_no_prototypes():
+    assert tiny_model(prototype_dim=8).heads[0].prototypes.shape == (2, 8)
+    assert tiny_model(prototype_dim=None).heads[0].prototypes.shape == (2, 32)
+    assert not tiny_model(prototype_dim=0).heads[0].has_prototypes
+    assert not tiny_model(labels=()).heads[0].has_prototypes
+
+
+def test_overhead_report_counts_prototypes():
+    overhead = tiny_model(prototype_dim=8).overhead()
+    assert overhead["prototype_parameters_per_layer"] == 8 * (32 + 1) + 2 * 8  # projection + prototypes
+    assert 0 < overhead["overhead_fraction"] < 1
+
+
+def test_save_and_load_round_trip_gives_identical_outputs(tmp_path, tokenizer):
+    model = tiny_model(tokenizer=tokenizer)
+    model.config.policy = {"criterion": "edr", "threshold": 0.3, "patience": 1, "lam": 1.0}
+    model.save_pretrained(tmp_path / "ckpt")
+    assert {"config.json", "model.safetensors", "README.md", "tokenizer.json"} <= {p.name for p in (tmp_path / "ckpt").iterdir()}
+    loaded = EarlyExitModel.from_pretrained(tmp_path / "ckpt")
+    batch = padded_batch()
+    with torch.no_grad():
+        expected, actual = model(**batch), loaded(**batch)
+    for a, b in zip(expected.layers, actual.layers):
+        assert torch.equal(a.logits, b.logits) and torch.equal(a.distances, b.distances)
+    assert loaded.config.policy == model.config.policy
+    assert loaded.tokenizer is not None
+    # saving again over an existing checkpoint replaces it completely
+    model.save_pretrained(tmp_path / "ckpt")
+    assert not list(tmp_path.glob(".ckpt*"))
+
+
+def test_loading_something_else_is_a_clear_error(tmp_path, tokenizer):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        EarlyExitModel.from_pretrained(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no config.json"):
+        EarlyExitModel.from_pretrained(tmp_path / "empty")
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(CheckpointError, match="not a de3bert checkpoint"):
+        EarlyExitModel.from_pretrained(tmp_path / "hf")
+
+
+def test_label_mismatch_and_version_and_missing_weights(tmp_path, tokenizer):
+    path = tiny_model(tokenizer=tokenizer).save_pretrained(tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match="trained for labels"):
+        EarlyExitModel.from_pretrained(path, expected_labels=["a", "b", "c"])
+    config = json.loads((path / "config.json").read_text())
+    config["de3bert"]["format_version"] = 99
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="format version 99"):
+        EarlyExitModel.from_pretrained(path)
+    config["de3bert"]["format_version"] = 1
+    (path / "config.json").write_text(json.dumps(config))
+    (path / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="has no model.safetensors"):
+        EarlyExitModel.from_pretrained(path)
+
+
+def test_weights_of_another_model_are_rejected(tmp_path, tokenizer):
+    small = tiny_model(tokenizer=tokenizer, prototype_dim=8).save_pretrained(tmp_path / "small")
+    other = tiny_model(tokenizer=tokenizer).save_pretrained(tmp_path / "other")
+    (small / "model.safetensors").write_bytes((other / "model.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match="does not fit"):
+        EarlyExitModel.from_pretrained(small)
+
+
+def test_from_backbone_copies_pretrained_pooler():
+    model = EarlyExitModel.from_backbone("minilm-l6", "sst2", ["0", "1"])
+    assert model.num_layers == 6
+    assert torch.equal(model.heads[0].pooler.weight, model.heads[5].pooler.weight)
+    assert model.heads[0].pooler.weight.std() > 0.03  # pretrained, not the 0.02 init
