@@ -53,3 +53,39 @@ def padded_batch(batch_size: int = 5, max_len: int = 12, seed: int = 0) -> dict[
     input_ids = input_ids * attention_mask
     input_ids[:, 0] = 101
     return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+POSITIVE = ["good", "great", "fine", "lovely", "superb", "nice"]
+NEGATIVE = ["bad", "awful", "poor", "dull", "terrible", "ugly"]
+
+
+def write_sst2(folder, train_size: int = 128, dev_size: int = 32, seed: int = 0):
+    """A tiny, easily learnable SST-2 in the official layout (header `sentence\\tlabel`)."""
+    import random
+
+    rng = random.Random(seed)
+    task = folder / "SST-2"
+    task.mkdir(parents=True, exist_ok=True)
+    for name, size in (("train.tsv", train_size), ("dev.tsv", dev_size)):
+        rows = ["sentence\tlabel"]
+        for i in range(size):
+            label = i % 2
+            words = rng.choices(POSITIVE if label else NEGATIVE, k=rng.randint(2, 6))
+            rows.append(f"the film was {' '.join(words)}\t{label}")
+        (task / name).write_text("\n".join(rows) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone_dir(tmp_path_factory, tokenizer):
+    """A tiny random BERT saved as a local backbone folder (with the real tokenizer)."""
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tiny_bert().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def glue_dir(tmp_path_factory):
+    """A folder holding the tiny SST-2."""
+    return write_sst2(tmp_path_factory.mktemp("glue"))

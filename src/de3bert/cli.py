@@ -1,0 +1,220 @@
+"""`de3bert` command line: train | evaluate | predict | bench. Thin: it parses and calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from de3bert.errors import De3bertError
+
+DATA_HELP = ("folder in the official GLUE layout (<dir>/<TASK>/train.tsv, dev.tsv); default: $GLUE_DIR, "
+             "else ../shared/data/glue")
+HUB_HELP = "read the task from a Hugging Face datasets id instead (e.g. nyu-mll/glue; needs internet and `datasets`)"
+
+
+def _table(rows: list[dict], columns: list[str]) -> str:
+    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
+    lines = ["  ".join(c.rjust(widths[c]) for c in columns)]
+    lines += ["  ".join(_fmt(r.get(c)).rjust(widths[c]) for c in columns) for r in rows]
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return "-" if value is None else str(value)
+
+
+def _policy(args) -> "ExitPolicy | None":
+    from de3bert.policies import ExitPolicy
+
+    if args.criterion is None:
+        return None
+    return ExitPolicy(args.criterion, threshold=args.threshold, patience=args.patience, lam=args.lam)
+
+
+def cmd_train(args) -> None:
+    from de3bert.modeling import ExitHeadConfig
+    from de3bert.training import TrainingArguments, train
+
+    training_args = TrainingArguments(
+        output_dir=args.output, recipe=args.recipe, epochs=args.epochs, learning_rate=args.learning_rate,
+        head_learning_rate=args.head_learning_rate, batch_size=args.batch_size, seed=args.seed, alpha=args.alpha,
+        beta=args.beta, target_speedup=args.target_speedup, lam=args.lam, max_train_samples=args.max_train_samples,
+        calibration_fraction=args.calibration_fraction, max_length=args.max_length, progress=not args.no_progress)
+    heads = ExitHeadConfig(prototype_dim=args.prototype_dim, distance=args.distance)
+    result = train(args.task, args.model, training_args, args.data_dir, args.hub_dataset, heads)
+    print(f"best checkpoint (selection score {result.best_score:.4f}) saved to {result.output_dir}")
+
+
+def cmd_evaluate(args) -> None:
+    from de3bert.evaluation import evaluate_checkpoint
+
+    output = Path(args.output) if args.output else Path(args.checkpoint) / "evaluation"
+    report = evaluate_checkpoint(args.checkpoint, args.task, args.data_dir, args.hub_dataset, output,
+                                 pcee_patience=args.pcee_patience, progress=not args.no_progress)
+    metric = report["metric"]
+    print(f"\n{report['task']} dev ({report['dev_examples']} examples): {metric} of every exit")
+    print(_table(report["layer_metrics"], list(report["layer_metrics"][0])))
+    if report["oracle"]:
+        o = report["oracle"]
+        print(f"\noracle (shallowest correct exit): {metric} {o['metric']:.4f} at speed-up {o['speedup']:.2f}x")
+    print(f"\nthresholds calibrated on {report['calibration_split']} ({report['calibration_examples']} examples), "
+          f"measured on dev:")
+    rows = [r for r in report["calibrated"] if "speedup" in r]
+    print(_table(rows, ["policy", "target_speedup", "threshold", "patience", "speedup", "metric", "mean_exit_layer"]))
+    for row in report["calibrated"]:
+        if "error" in row:
+            print(f"  {row['policy']} at {row['target_speedup']}x: {row['error']}")
+    print(f"\nfull-depth {metric}: {report['full_depth']:.4f}; sweeps, tables and plot written to {output}")
+
+
+def cmd_predict(args) -> None:
+    import json
+
+    from de3bert.batch_predict import predict_file
+    from de3bert.engine import EarlyExitEngine
+    from de3bert.modeling import EarlyExitModel
+
+    model = EarlyExitModel.from_pretrained(args.checkpoint)
+    engine = EarlyExitEngine(model, _policy(args), batch_size=args.batch_size)
+    if args.input is not None:
+        if args.output is None:
+            raise De3bertError("--input needs --output (a .jsonl, .tsv or .csv file to write)")
+        count = predict_file(engine, args.input, args.output, args.text_column, args.text_pair_column,
+                             progress=not args.no_progress)
+        print(f"wrote {count} predictions to {args.output}")
+        return
+    if args.text is None:
+        raise De3bertError("give --text (and --text-pair for pair tasks), or --input FILE --output FILE")
+    pairs = [args.text_pair] if args.text_pair is not None else None
+    for prediction in engine.predict([args.text], pairs):
+        print(json.dumps(prediction.__dict__))
+
+
+def cmd_bench(args) -> None:
+    import json
+
+    from de3bert.benchmark import BenchSettings, plot_benchmark, run_benchmark
+
+    settings = BenchSettings(criterion=args.criterion, targets=tuple(args.targets), latency_inputs=args.latency_inputs,
+                             throughput_inputs=args.throughput_inputs, batch_size=args.batch_size,
+                             repeats=args.repeats, threads=args.threads, split=args.split)
+    report = run_benchmark(args.checkpoint, args.task, args.data_dir, settings, progress=not args.no_progress)
+    output = Path(args.output) if args.output else Path(args.checkpoint) / "bench"
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "wallclock.json").write_text(json.dumps(report, indent=2))
+    plot_benchmark(report, output / "wallclock.png")
+    print(f"{report['task']} {report['split']}: {report['latency_inputs']} inputs at batch 1, "
+          f"{report['throughput_inputs']} at batch {args.batch_size}, {args.threads} threads, medians of {args.repeats}")
+    print(_table(report["rows"], ["system", "latency_p50_ms", "latency_p95_ms", "layer_speedup_batch1",
+                                  "wallclock_speedup_batch1", "throughput_per_s", "layer_speedup_batched",
+                                  "wallclock_speedup_batched"]))
+    print(f"written to {output}/wallclock.json and wallclock.png")
+
+
+def _add_policy_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("exit policy (default: the one calibrated into the checkpoint)")
+    group.add_argument("--criterion", choices=["edr", "entropy", "confidence", "dr", "patience", "pcee",
+                                                "regression-patience"], help="exit criterion")
+    group.add_argument("--threshold", type=float, default=0.5, help="threshold τ in [0, 1] (tolerance for regression)")
+    group.add_argument("--patience", type=int, default=1, help="consecutive confident layers needed to exit")
+    group.add_argument("--lam", type=float, default=1.0, help="λ of the hybrid indicator EDR")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the `de3bert` command."""
+    parser = argparse.ArgumentParser(prog="de3bert", description=(
+        "Distance-enhanced early exiting (DE³-BERT) for BERT-family classifiers: train, evaluate, predict."))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="fine-tune an early-exit model on a task",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    train.add_argument("--task", required=True, help="GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli")
+    train.add_argument("--model", default="minilm-l6",
+                       help="backbone: minilm-l6 (embedded), mpnet-base (12 layers), a local folder or hub id")
+    train.add_argument("--recipe", default="de3", choices=["de3", "pabee", "deebert"],
+                       help="de3: CE+prototype CE+DAR on all layers; pabee: weighted CE; deebert: two stages")
+    train.add_argument("--output", required=True, help="checkpoint folder to write")
+    train.add_argument("--epochs", type=int, default=3, help="epochs (per stage)")
+    train.add_argument("--learning-rate", type=float, default=5e-5, help="peak learning rate of the backbone")
+    train.add_argument("--head-learning-rate", type=float, default=None, help="peak learning rate of the exit heads")
+    train.add_argument("--batch-size", type=int, default=32, help="training batch size")
+    train.add_argument("--max-length", type=int, default=128, help="max tokens per input (longer is truncated)")
+    train.add_argument("--max-train-samples", type=int, default=None, help="train on a fixed random subsample")
+    train.add_argument("--calibration-fraction", type=float, default=0.1,
+                       help="share of train held out to calibrate thresholds (0: use dev)")
+    train.add_argument("--seed", type=int, default=42, help="random seed")
+    train.add_argument("--alpha", type=float, default=None, help="prototype CE weight α (de3 default 1; 0 = off)")
+    train.add_argument("--beta", type=float, default=None, help="DAR weight β (de3 default 1; 0 = off)")
+    train.add_argument("--prototype-dim", type=int, default=None, help="metric space dimension d (default: hidden)")
+    train.add_argument("--distance", default="sqeuclidean", choices=["sqeuclidean", "cosine"], help="prototype distance")
+    train.add_argument("--target-speedup", type=float, default=2.0,
+                       help="layer speed-up the checkpoint's default policy is calibrated to")
+    train.add_argument("--lam", type=float, default=1.0, help="λ of EDR")
+    train.add_argument("--data-dir", help=DATA_HELP)
+    train.add_argument("--hub-dataset", help=HUB_HELP)
+    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    train.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser("evaluate", help="per-layer metrics, oracle, threshold sweeps, calibration, plot",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    evaluate.add_argument("checkpoint", help="checkpoint folder written by `de3bert train`")
+    evaluate.add_argument("--task", help="task to evaluate on (default: the checkpoint's)")
+    evaluate.add_argument("--output", help="folder for evaluation.json, sweeps.csv, calibrated.csv, tradeoff.png "
+                                           "(default: CHECKPOINT/evaluation)")
+    evaluate.add_argument("--pcee-patience", type=int, default=2, help="patience t used for PCEE")
+    evaluate.add_argument("--data-dir", help=DATA_HELP)
+    evaluate.add_argument("--hub-dataset", help=HUB_HELP)
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    predict = sub.add_parser("predict", help="classify a text (or text pair) with early exiting",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    predict.add_argument("checkpoint", help="checkpoint folder")
+    predict.add_argument("--text", help="the text to classify")
+    predict.add_argument("--text-pair", help="second text, for pair tasks (RTE, MRPC, QNLI, ...)")
+    predict.add_argument("--input", help="file of inputs to classify (.tsv, .csv or .jsonl with named columns)")
+    predict.add_argument("--text-column", default="text", help="column of --input holding the text")
+    predict.add_argument("--text-pair-column", help="column of --input holding the second text of a pair")
+    predict.add_argument("--output", help="where to write predictions for --input (.jsonl, .tsv or .csv)")
+    predict.add_argument("--batch-size", type=int, default=32, help="inference batch size")
+    predict.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_policy_options(predict)
+    predict.set_defaults(func=cmd_predict)
+    bench = sub.add_parser("bench", help="measured wall-clock speed-up: plain HF vs full depth vs early exit",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    bench.add_argument("checkpoint", help="checkpoint folder")
+    bench.add_argument("--task", help="task whose data is timed (default: the checkpoint's)")
+    bench.add_argument("--split", default="dev", help="split to time")
+    bench.add_argument("--criterion", help="exit criterion to calibrate (default: the checkpoint's)")
+    bench.add_argument("--targets", type=float, nargs="+", default=[1.5, 2.0, 3.0], help="layer speed-ups")
+    bench.add_argument("--latency-inputs", type=int, default=200, help="inputs timed one at a time")
+    bench.add_argument("--throughput-inputs", type=int, help="inputs in the batched runs (default: all)")
+    bench.add_argument("--batch-size", type=int, default=32, help="batch size of the throughput runs")
+    bench.add_argument("--repeats", type=int, default=3, help="repeated passes (medians are reported)")
+    bench.add_argument("--threads", type=int, default=2, help="torch threads")
+    bench.add_argument("--output", help="folder for wallclock.json and wallclock.png (default: CHECKPOINT/bench)")
+    bench.add_argument("--data-dir", help=DATA_HELP)
+    bench.add_argument("--no-progress", action="store_true", help="no progress bars")
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `de3bert` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except De3bertError as exc:
+        print(f"de3bert {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"de3bert {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""Offline evaluation: every exit's metric, the oracle, threshold sweeps and calibration.
+
+All of it works on `LayerOutputs` — every head's output for every sample, computed once — and
+on `simulate_exits`, the same decision code the inference engine runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from de3bert.data import (Collator, EncodedExample, Example, TaskSpec, compute_metrics, encode_examples, load_split,
+                          main_metric, split_off, subsample)
+from de3bert.errors import CheckpointError, PolicyError
+from de3bert.heads import HeadOutput
+from de3bert.modeling import EarlyExitModel
+from de3bert.plots import plot_tradeoff
+from de3bert.policies import CRITERIA, ExitPolicy, simulate_exits, speedup_ratio
+
+CLASSIFICATION_CRITERIA = ("edr", "entropy", "confidence", "dr", "patience", "pcee")
+TARGET_SPEEDUPS = (1.5, 2.0, 3.0)
+
+
+@dataclass
+class LayerOutputs:
+    """Every exit head's output on a dataset: logits (M, N, C), distances (M, N, C) or None, labels (N,)."""
+
+    logits: torch.Tensor
+    distances: torch.Tensor | None
+    labels: torch.Tensor
+
+    @property
+    def num_layers(self) -> int:
+        """Number of exits M."""
+        return self.logits.shape[0]
+
+    def heads(self) -> list[HeadOutput]:
+        """Per-layer HeadOutputs, the form policies read."""
+        return [HeadOutput(self.logits[m], None if self.distances is None else self.distances[m])
+                for m in range(self.num_layers)]
+
+    def predictions(self) -> torch.Tensor:
+        """(M, N) prediction of every exit: class index, or score for regression."""
+        return self.logits.squeeze(-1) if self.logits.shape[-1] == 1 else self.logits.argmax(-1)
+
+
+@torch.no_grad()
+def collect_layer_outputs(
+    model: EarlyExitModel, examples: list[EncodedExample], batch_size: int = 64, progress: bool = False
+) -> LayerOutputs:
+    """Run every exit head over encoded examples (no early stopping) and gather the outputs."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    loader = DataLoader(examples, batch_size=batch_size, collate_fn=Collator(model.tokenizer))
+    logits, distances, labels = [], [], []
+    for batch in tqdm(loader, desc="evaluating", disable=not progress, leave=False):
+        labels.append(batch.pop("labels"))
+        output = model(**{k: v.to(device) for k, v in batch.items()})
+        logits.append(torch.stack([layer.logits.float().cpu() for layer in output.layers]))
+        if output.layers[0].distances is not None:
+            distances.append(torch.stack([layer.distances.float().cpu() for layer in output.layers]))
+    model.train(was_training)
+    return LayerOutputs(torch.cat(logits, 1), torch.cat(distances, 1) if distances else None, torch.cat(labels))
+
+
+def _metrics(task: TaskSpec, predictions: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    return compute_metrics(task, predictions.tolist(), labels.tolist())
+
+
+def layer_metrics(outputs: LayerOutputs, task: TaskSpec) -> list[dict]:
+    """Metric of every exit layer taken alone (rows: layer, metrics...)."""
+    predictions = outputs.predictions()
+    return [{"layer": m + 1, **_metrics(task, predictions[m], outputs.labels)} for m in range(outputs.num_layers)]
+
+
+def oracle(outputs: LayerOutputs, task: TaskSpec) -> dict | None:
+    """The shallowest-correct-exit oracle: metric and speed-up (None for regression)."""
+    if task.is_regression:
+        return None
+    correct = outputs.predictions() == outputs.labels.unsqueeze(0)  # (M, N)
+    any_correct = correct.any(0)
+    first = correct.float().argmax(0)
+    exit_index = torch.where(any_correct, first, torch.full_like(first, outputs.num_layers - 1))
+    predictions = outputs.predictions().gather(0, exit_index.unsqueeze(0)).squeeze(0)
+    metrics = _metrics(task, predictions, outputs.labels)
+    return {"policy": "oracle", "speedup": speedup_ratio(exit_index + 1, outputs.num_layers),
+            "metric": main_metric(task, metrics), "mean_exit_layer": float((exit_index + 1).float().mean()), **metrics}
+
+
+def evaluate_policy(policy: ExitPolicy, outputs: LayerOutputs, task: TaskSpec) -> dict:
+    """One trade-off row: the policy, its layer speed-up, metric and mean exit layer."""
+    exits = simulate_exits(policy, outputs.heads())
+    metrics = _metrics(task, exits.predictions, outputs.labels)
+    return {
+        "policy": policy.criterion, "threshold": policy.threshold, "patience": policy.patience, "lam": policy.lam,
+        "speedup": speedup_ratio(exits.exit_layers, outputs.num_layers), "metric": main_metric(task, metrics),
+        "mean_exit_layer": float(exits.exit_layers.float().mean()), **metrics,
+    }
+
+
+def candidate_policies(criterion: str, outputs: LayerOutputs, points: int = 40, patience: int = 2,
+                       lam: float = 1.0) -> list[ExitPolicy]:
+    """A grid of policies spanning the criterion's whole trade-off curve on these outputs."""
+    num_layers = outputs.num_layers
+    if criterion == "patience":
+        return [ExitPolicy("patience", patience=t) for t in range(1, num_layers)]
+    policy_patience = patience if criterion in ("pcee", "regression-patience") else 1
+    probe = ExitPolicy(criterion, patience=policy_patience, lam=lam)
+    values, previous = [], None
+    for head in outputs.heads()[:-1]:
+        indicator, previous = probe.indicator(head, previous)
+        values.append(indicator[torch.isfinite(indicator)])
+    values = torch.cat(values)
+    quantiles = torch.linspace(0, 1, points)
+    grid = torch.quantile(values, quantiles).tolist() if values.numel() else []
+    # exits happen strictly below τ (or above for confidence): nudge the grid so every quantile counts
+    below = CRITERIA[criterion][1]
+    grid = [v + 1e-7 if below else v - 1e-7 for v in grid]
+    if criterion != "regression-patience":
+        grid = [min(1.0, max(0.0, v)) for v in grid] + ([0.0, 1.0] if below else [1.0, 0.0])
+    return [ExitPolicy(criterion, threshold=t, patience=policy_patience, lam=lam) for t in sorted(set(grid))]
+
+
+def sweep(criterion: str, outputs: LayerOutputs, task: TaskSpec, **grid) -> list[dict]:
+    """Trade-off rows over a grid of thresholds (or patiences), sorted by speed-up."""
+    rows = [evaluate_policy(p, outputs, task) for p in candidate_policies(criterion, outputs, **grid)]
+    return sorted(rows, key=lambda r: (r["speedup"], -r["metric"]))
+
+
+def calibrate(criterion: str, outputs: LayerOutputs, task: TaskSpec, target_speedup: float, **grid) -> ExitPolicy:
+    """The most conservative policy of a criterion whose layer speed-up reaches the target."""
+    candidates = candidate_policies(criterion, outputs, points=200, **grid)
+    scored = [(speedup_ratio(simulate_exits(p, outputs.heads()).exit_layers, outputs.num_layers), p)
+              for p in candidates]
+    reaching = [(s, p) for s, p in scored if s >= target_speedup - 1e-9]
+    if not reaching:
+        low, high = min(s for s, _ in scored), max(s for s, _ in scored)
+        raise PolicyError(
+            f"criterion '{criterion}' cannot reach a layer speed-up of {target_speedup:g}x on this model; "
+            f"reachable range is {low:.2f}x to {high:.2f}x"
+        )
+    return min(reaching, key=lambda sp: sp[0])[1]
+
+
+def calibrated_table(criteria: tuple[str, ...], calibration: LayerOutputs, evaluation: LayerOutputs, task: TaskSpec,
+                     targets: tuple[float, ...] = TARGET_SPEEDUPS, **grid) -> list[dict]:
+    """For each criterion and target speed-up: τ calibrated on one split, measured on another."""
+    rows = []
+    for criterion in criteria:
+        for target in targets:
+            try:
+                policy = calibrate(criterion, calibration, task, target, **grid)
+            except PolicyError as exc:
+                rows.append({"policy": criterion, "target_speedup": target, "error": str(exc)})
+                continue
+            rows.append({"target_speedup": target, **evaluate_policy(policy, evaluation, task)})
+    return rows
+
+
+def criteria_for(model: EarlyExitModel) -> tuple[str, ...]:
+    """The exit criteria a model supports (prototype criteria need prototype heads)."""
+    if model.config.is_regression:
+        return ("regression-patience",)
+    if model.heads[0].has_prototypes:
+        return CLASSIFICATION_CRITERIA
+    return tuple(c for c in CLASSIFICATION_CRITERIA if c not in ("edr", "dr"))
+
+
+def calibration_examples(model: EarlyExitModel, task_name: str, data_dir: str | None,
+                         hub_dataset: str | None) -> tuple[str, list[Example]]:
+    """The held-out calibration split the checkpoint was trained beside (rebuilt from its seed)."""
+    training = model.config.training
+    fraction = training.get("calibration_fraction", 0.0)
+    if not fraction:
+        return "dev", load_split(task_name, "dev", data_dir, hub_dataset)[1]
+    examples = load_split(task_name, "train", data_dir, hub_dataset)[1]
+    if training.get("max_train_samples"):
+        examples = subsample(examples, training["max_train_samples"], training["seed"])
+    return "calibration (held out from train)", split_off(examples, fraction, training["seed"])[0]
+
+
+def evaluate_checkpoint(checkpoint: str | Path, task_name: str | None = None, data_dir: str | None = None,
+                        hub_dataset: str | None = None, output_dir: str | Path | None = None,
+                        batch_size: int = 64, pcee_patience: int = 2, lam: float | None = None,
+                        progress: bool = True) -> dict:
+    """Per-layer metrics, oracle, sweeps and calibrated trade-off of a checkpoint; writes JSON, CSV, PNG."""
+    model = EarlyExitModel.from_pretrained(checkpoint)
+    task_name = task_name or model.config.task
+    task, dev_examples = load_split(task_name, "dev", data_dir, hub_dataset)
+    if list(task.labels) != model.config.labels:
+        raise CheckpointError(f"checkpoint {checkpoint} was trained for task '{model.config.task}' with labels "
+                              f"{model.config.labels}, not for '{task.name}' with labels {list(task.labels)}")
+    max_length = model.config.max_length
+    dev = collect_layer_outputs(model, encode_examples(model.tokenizer, dev_examples, max_length), batch_size, progress)
+    split_name, cal_examples = calibration_examples(model, task_name, data_dir, hub_dataset)
+    calibration = collect_layer_outputs(model, encode_examples(model.tokenizer, cal_examples, max_length),
+                                        batch_size, progress)
+    grid = {"patience": pcee_patience, "lam": lam if lam is not None else (model.config.policy or {}).get("lam", 1.0)}
+    criteria = criteria_for(model)
+    layers = layer_metrics(dev, task)
+    report = {
+        "checkpoint": str(checkpoint), "task": task.name, "metric": task.main_metric, "num_layers": dev.num_layers,
+        "dev_examples": len(dev_examples), "calibration_split": split_name, "calibration_examples": len(cal_examples),
+        "layer_metrics": layers, "full_depth": main_metric(task, layers[-1]), "oracle": oracle(dev, task),
+        "sweeps": {c: sweep(c, dev, task, **grid) for c in criteria},
+        "calibrated": calibrated_table(criteria, calibration, dev, task, **grid),
+        "overhead": model.overhead(),
+    }
+    if output_dir is not None:
+        write_report(report, Path(output_dir))
+    return report
+
+
+def write_report(report: dict, output_dir: Path) -> None:
+    """Write evaluation.json, sweeps.csv, calibrated.csv and tradeoff.png into a folder."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "evaluation.json").write_text(json.dumps(report, indent=2))
+    sweep_rows = [row for rows in report["sweeps"].values() for row in rows]
+    _write_csv(output_dir / "sweeps.csv", sweep_rows)
+    _write_csv(output_dir / "calibrated.csv", report["calibrated"])
+    plot_tradeoff(report["sweeps"], output_dir / "tradeoff.png",
+                  f"{report['task']}: accuracy/speed trade-off ({report['num_layers']} layers)", report["metric"],
+                  report["full_depth"], report["oracle"], report["calibrated"])
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)

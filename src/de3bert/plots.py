@@ -1,0 +1,54 @@
+"""Trade-off plots: task metric against layer speed-up, one curve per exit criterion."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from de3bert.policies import PAPER_NAMES  # noqa: E402
+
+
+def pareto_front(rows: list[dict]) -> list[dict]:
+    """Rows not beaten on both speed-up and metric by another row, sorted by speed-up."""
+    front, best = [], float("-inf")
+    for row in sorted(rows, key=lambda r: (-r["speedup"], -r["metric"])):
+        if row["metric"] > best:
+            front.append(row)
+            best = row["metric"]
+    return sorted(front, key=lambda r: r["speedup"])
+
+
+def plot_tradeoff(sweeps: dict[str, list[dict]], path: str | Path, title: str, metric_name: str,
+                  full_depth: float | None = None, oracle: dict | None = None,
+                  calibrated: list[dict] | None = None) -> Path:
+    """Save a PNG of metric vs speed-up for each criterion's sweep (its Pareto front)."""
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    colors = {}
+    for criterion, rows in sweeps.items():
+        front = pareto_front(rows)
+        (line,) = ax.plot([r["speedup"] for r in front], [r["metric"] for r in front], marker=".",
+                          label=PAPER_NAMES.get(criterion, criterion))
+        colors[criterion] = line.get_color()
+    for row in calibrated or []:
+        if "speedup" in row:
+            ax.scatter(row["speedup"], row["metric"], marker="o", s=60, facecolors="none",
+                       edgecolors=colors.get(row["policy"], "black"))
+    if full_depth is not None:
+        ax.axhline(full_depth, color="gray", linestyle="--", linewidth=1, label="full depth")
+    if oracle is not None:
+        ax.scatter(oracle["speedup"], oracle["metric"], marker="*", s=120, color="black", label="oracle", zorder=3)
+    ax.set_xlabel("layer speed-up ratio (M·N / Σ exit layers)")
+    ax.set_ylabel(metric_name)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,46 @@
+import math
+
+import pytest
+
+from de3bert.data import compute_metrics, get_task, main_metric
+from de3bert.errors import DataError
+
+
+def test_accuracy():
+    metrics = compute_metrics(get_task("sst2"), [1, 0, 1, 1], [1, 0, 0, 1])
+    assert metrics == {"accuracy": 0.75}
+    assert main_metric(get_task("sst2"), metrics) == 0.75
+
+
+def test_f1_and_accuracy():
+    # tp=2, fp=1, fn=1 -> precision 2/3, recall 2/3, f1 2/3; 3 of 5 right
+    metrics = compute_metrics(get_task("mrpc"), [1, 1, 1, 0, 0], [1, 1, 0, 1, 0])
+    assert metrics["f1"] == pytest.approx(2 / 3) and metrics["accuracy"] == pytest.approx(0.6)
+    assert main_metric(get_task("mrpc"), metrics) == pytest.approx(2 / 3)
+
+
+def test_mcc():
+    # tp=1, tn=1, fp=1, fn=1 -> (1 - 1) / ... = 0; tp=2 tn=1 fp=0 fn=1 -> (2 - 0) / sqrt(2*3*1*2) = 2/sqrt(12)
+    assert compute_metrics(get_task("cola"), [1, 0, 1, 0], [1, 0, 0, 1]) == {"mcc": 0.0}
+    assert compute_metrics(get_task("cola"), [1, 1, 0, 0], [1, 1, 0, 1])["mcc"] == pytest.approx(2 / math.sqrt(12))
+
+
+def test_pearson_spearman():
+    metrics = compute_metrics(get_task("stsb"), [1.0, 2.0, 3.0, 5.0], [2.0, 4.0, 6.0, 7.0])
+    assert metrics["spearman"] == pytest.approx(1.0)
+    # x - mean = (-1.75, -0.75, 0.25, 2.25), y - mean = (-2.75, -0.75, 1.25, 2.25)
+    cov = 4.8125 + 0.5625 + 0.3125 + 5.0625
+    vx, vy = 3.0625 + 0.5625 + 0.0625 + 5.0625, 7.5625 + 0.5625 + 1.5625 + 5.0625
+    assert metrics["pearson"] == pytest.approx(cov / math.sqrt(vx * vy))
+    assert main_metric(get_task("stsb"), metrics) == metrics["pearson"]
+
+
+def test_constant_predictions_give_zero_not_nan():
+    assert compute_metrics(get_task("stsb"), [2.0, 2.0, 2.0], [1.0, 2.0, 3.0]) == {"pearson": 0.0, "spearman": 0.0}
+
+
+def test_length_mismatch_and_missing_main_metric():
+    with pytest.raises(DataError, match="2 predictions for 3 references"):
+        compute_metrics(get_task("rte"), [0, 1], [0, 1, 1])
+    with pytest.raises(DataError, match="main metric 'f1'"):
+        main_metric(get_task("qqp"), {"accuracy": 0.5})

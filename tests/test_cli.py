@@ -1,0 +1,70 @@
+import json
+
+import pytest
+
+from de3bert.cli import build_parser, main
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_backbone_dir, glue_dir):
+    output = tmp_path_factory.mktemp("run") / "ckpt"
+    code = main(["train", "--task", "sst2", "--model", str(tiny_backbone_dir), "--output", str(output),
+                 "--epochs", "2", "--learning-rate", "1e-2", "--batch-size", "16", "--data-dir", str(glue_dir),
+                 "--no-progress"])
+    assert code == 0
+    return output
+
+
+def test_evaluate_prints_tables_and_writes_files(trained, glue_dir, capsys, tmp_path):
+    assert main(["evaluate", str(trained), "--data-dir", str(glue_dir), "--output", str(tmp_path), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy of every exit" in out and "oracle" in out and "edr" in out and "patience" in out
+    report = json.loads((tmp_path / "evaluation.json").read_text())
+    assert set(report["sweeps"]) == {"edr", "entropy", "confidence", "dr", "patience", "pcee"}
+    assert (tmp_path / "tradeoff.png").stat().st_size > 10_000
+    assert (tmp_path / "sweeps.csv").read_text().startswith("policy,")
+
+
+def test_predict_text(trained, capsys):
+    assert main(["predict", str(trained), "--text", "the film was good great"]) == 0
+    answer = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert answer["label"] in ("0", "1") and 1 <= answer["exit_layer"] <= 4
+    assert main(["predict", str(trained), "--text", "x", "--criterion", "patience", "--patience", "2"]) == 0
+
+
+def test_predict_file_writes_predictions_in_order(trained, tmp_path):
+    source = tmp_path / "in.tsv"
+    source.write_text("id\tsentence\n1\tthe film was good\n2\tthe film was awful dull\n3\tnice\n")
+    target = tmp_path / "out.jsonl"
+    assert main(["predict", str(trained), "--input", str(source), "--text-column", "sentence",
+                 "--output", str(target)]) == 0
+    rows = [json.loads(line) for line in target.read_text().splitlines()]
+    assert [r["text"] for r in rows] == ["the film was good", "the film was awful dull", "nice"]
+    assert all({"label", "probabilities", "exit_layer", "indicator"} <= set(r) for r in rows)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--task", "nosuchtask", "--output", "x"], "unknown task"),
+    (["evaluate", "/nonexistent/checkpoint"], "does not exist"),
+    (["predict", "/nonexistent/checkpoint", "--text", "hi"], "does not exist"),
+])
+def test_errors_are_one_line_not_tracebacks(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err.lower() and "Traceback" not in err
+
+
+def test_missing_data_says_where_it_looked(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("GLUE_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--task", "rte", "--output", str(tmp_path / "x"), "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path) in err and "nyu-mll/glue" in err
+
+
+def test_every_option_has_help():
+    parser = build_parser()
+    for action in parser._subparsers._group_actions[0].choices.values():
+        for option in action._actions:
+            if option.dest != "help":
+                assert option.help, f"{action.prog} {option.dest} has no help"

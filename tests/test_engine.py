@@ -1,0 +1,105 @@
+import pytest
+import torch
+
+from de3bert.engine import EarlyExitEngine
+from de3bert.errors import PolicyError
+from de3bert.evaluation import LayerOutputs, candidate_policies
+from de3bert.policies import ExitPolicy, simulate_exits
+from tests.conftest import padded_batch, tiny_model
+
+
+def sharpen(model, scale: float = 30.0):
+    """Scale the classifiers so a random tiny model spreads its indicators over [0, 1]."""
+    with torch.no_grad():
+        for head in model.heads:
+            head.classifier.weight.mul_(scale)
+    return model
+
+
+def offline(model, batch, policy):
+    with torch.no_grad():
+        output = model(**batch)
+    return simulate_exits(policy, output.layers)
+
+
+def policies_for(model, batch):
+    """For every criterion, a threshold from the middle of its range on this batch (so rows exit at many layers)."""
+    with torch.no_grad():
+        output = model(**batch)
+    outputs = LayerOutputs(output.logits, torch.stack([l.distances for l in output.layers]), torch.zeros(1))
+    chosen = []
+    for criterion in ("edr", "entropy", "confidence", "dr", "patience", "pcee"):
+        grid = candidate_policies(criterion, outputs, points=9, patience=2)
+        chosen.append(grid[len(grid) // 2])
+    return chosen
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 32])
+def test_engine_equals_offline_simulation_for_every_policy(batch_size):
+    model = sharpen(tiny_model())
+    engine = EarlyExitEngine(model, ExitPolicy("entropy"))
+    batch = padded_batch(batch_size, max_len=16, seed=batch_size)
+    exit_layers_seen = set()
+    for policy in policies_for(model, batch):
+        expected = offline(model, batch, policy)
+        actual = engine.run_batch(**batch, policy=policy)
+        assert actual.exit_layers.tolist() == expected.exit_layers.tolist(), policy
+        assert actual.predictions.tolist() == expected.predictions.tolist(), policy
+        assert torch.allclose(actual.indicators, expected.indicators, atol=1e-5), policy
+        exit_layers_seen |= set(actual.exit_layers.tolist())
+    if batch_size > 1:
+        assert len(exit_layers_seen) > 1  # the test exercises real early exits, not only full depth
+
+
+def test_engine_stops_computing_at_the_exit_layer():
+    model = sharpen(tiny_model())
+    calls = []
+    for index, layer in enumerate(model.backbone.encoder.encoder.layer):
+        layer.register_forward_hook(lambda module, inputs, output, index=index: calls.append((index, inputs[0].shape[0])))
+    batch = padded_batch(1, seed=3)
+    policy = ExitPolicy("confidence", threshold=0.0)  # every row is confident at layer 1
+    result = EarlyExitEngine(model, policy).run_batch(**batch)
+    assert result.exit_layers.tolist() == [1]
+    assert calls == [(0, 1)]
+
+
+def test_engine_drops_exited_rows_from_the_batch():
+    model = sharpen(tiny_model())
+    batch = padded_batch(16, seed=5)
+    policy = policies_for(model, batch)[1]  # entropy, mid threshold
+    rows_per_layer = []
+    for layer in model.backbone.encoder.encoder.layer:
+        layer.register_forward_hook(lambda module, inputs, output: rows_per_layer.append(inputs[0].shape[0]))
+    result = EarlyExitEngine(model, policy).run_batch(**batch)
+    expected = [int((result.exit_layers >= m).sum()) for m in range(1, len(rows_per_layer) + 1)]
+    assert rows_per_layer == expected
+    assert rows_per_layer[-1] < 16
+
+
+def test_engine_skips_prototypes_when_the_policy_does_not_read_them():
+    model = tiny_model()
+    projections = []
+    for head in model.heads:
+        head.projection.register_forward_hook(lambda *args: projections.append(1))
+    EarlyExitEngine(model, ExitPolicy("patience", patience=1)).run_batch(**padded_batch(4))
+    assert projections == []
+    EarlyExitEngine(model, ExitPolicy("edr", threshold=0.0)).run_batch(**padded_batch(4))
+    assert projections
+
+
+def test_engine_needs_a_policy_and_prototypes_for_edr():
+    with pytest.raises(PolicyError, match="no calibrated exit policy"):
+        EarlyExitEngine(tiny_model())
+    with pytest.raises(PolicyError, match="needs prototypes"):
+        EarlyExitEngine(tiny_model(prototype_dim=0), ExitPolicy("edr"))
+
+
+def test_predict_from_text_returns_input_order(tokenizer):
+    model = sharpen(tiny_model(tokenizer=tokenizer))
+    texts = ["short", "a considerably longer sentence that needs more tokens than the others do", "mid length text"]
+    engine = EarlyExitEngine(model, ExitPolicy("entropy", threshold=0.5), batch_size=2)
+    bucketed = engine.predict(texts)
+    single = [engine.predict([t])[0] for t in texts]
+    assert [p.label for p in bucketed] == [p.label for p in single]
+    assert [p.exit_layer for p in bucketed] == [p.exit_layer for p in single]
+    assert all(abs(sum(p.probabilities.values()) - 1) < 1e-5 for p in bucketed)

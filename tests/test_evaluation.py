@@ -1,0 +1,67 @@
+import pytest
+import torch
+
+from de3bert.data import get_task
+from de3bert.errors import PolicyError
+from de3bert.evaluation import (LayerOutputs, calibrate, calibrated_table, candidate_policies, evaluate_policy,
+                                layer_metrics, oracle, sweep)
+
+SST2 = get_task("sst2")
+
+
+def logits_for(predictions, margin):
+    """(M, N, 2) logits whose argmax is predictions[m][n], with confidence growing with margin[m]."""
+    rows = [[[margin[m], 0.0] if p == 0 else [0.0, margin[m]] for p in layer] for m, layer in enumerate(predictions)]
+    return torch.tensor(rows)
+
+
+def three_layer_outputs():
+    # sample 0 right from layer 1; sample 1 right from layer 2; sample 2 right only at layer 3; sample 3 never
+    predictions = [[0, 0, 0, 0], [0, 1, 0, 0], [0, 1, 1, 0]]
+    labels = torch.tensor([0, 1, 1, 1])
+    return LayerOutputs(logits_for(predictions, [0.5, 2.0, 6.0]), None, labels)
+
+
+def test_layer_metrics_and_oracle_hand_computed():
+    outputs = three_layer_outputs()
+    assert [row["accuracy"] for row in layer_metrics(outputs, SST2)] == [0.25, 0.5, 0.75]
+    best = oracle(outputs, SST2)
+    # exits at layers 1, 2, 3, 3 -> speed-up 3*4/9; 3 of 4 right
+    assert best["speedup"] == pytest.approx(12 / 9)
+    assert best["accuracy"] == pytest.approx(0.75)
+
+
+def test_sweep_spans_full_depth_to_first_layer():
+    outputs = three_layer_outputs()
+    rows = sweep("entropy", outputs, SST2)
+    assert rows[0]["speedup"] == pytest.approx(1.0)
+    assert rows[-1]["speedup"] == pytest.approx(3.0)
+    assert rows[0]["accuracy"] == pytest.approx(0.75)
+    patience_rows = sweep("patience", outputs, SST2)
+    assert [r["patience"] for r in sorted(patience_rows, key=lambda r: -r["speedup"])] == [1, 2]
+
+
+def test_calibrate_picks_most_conservative_threshold_reaching_target():
+    outputs = three_layer_outputs()
+    policy = calibrate("entropy", outputs, SST2, 1.2)
+    row = evaluate_policy(policy, outputs, SST2)
+    assert row["speedup"] >= 1.2
+    speedups = sorted(r["speedup"] for r in sweep("entropy", outputs, SST2, points=200))
+    assert row["speedup"] == pytest.approx(min(s for s in speedups if s >= 1.2))
+
+
+def test_calibrate_unreachable_target_names_reachable_range():
+    with pytest.raises(PolicyError, match=r"reachable range is 1\.00x to 3\.00x"):
+        calibrate("entropy", three_layer_outputs(), SST2, 5.0)
+
+
+def test_calibrated_table_reports_errors_per_row():
+    outputs = three_layer_outputs()
+    rows = calibrated_table(("entropy",), outputs, outputs, SST2, targets=(1.5, 9.0))
+    assert rows[0]["speedup"] >= 1.5 and "error" in rows[1]
+
+
+def test_candidate_thresholds_stay_in_unit_interval():
+    outputs = three_layer_outputs()
+    for criterion in ("entropy", "confidence", "pcee"):
+        assert all(0.0 <= p.threshold <= 1.0 for p in candidate_policies(criterion, outputs))
