@@ -89,3 +89,16 @@ def tiny_backbone_dir(tmp_path_factory, tokenizer):
 def glue_dir(tmp_path_factory):
     """A folder holding the tiny SST-2."""
     return write_sst2(tmp_path_factory.mktemp("glue"))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tiny_backbone_dir, glue_dir):
+    """A DE³ checkpoint trained for 2 epochs on the tiny SST-2 through the CLI."""
+    from de3bert.cli import main
+
+    output = tmp_path_factory.mktemp("run") / "ckpt"
+    code = main(["train", "--task", "sst2", "--model", str(tiny_backbone_dir), "--output", str(output),
+                 "--epochs", "2", "--learning-rate", "1e-2", "--batch-size", "16", "--data-dir", str(glue_dir),
+                 "--no-progress"])
+    assert code == 0
+    return output

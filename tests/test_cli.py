@@ -5,18 +5,8 @@ import pytest
 from de3bert.cli import build_parser, main
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_backbone_dir, glue_dir):
-    output = tmp_path_factory.mktemp("run") / "ckpt"
-    code = main(["train", "--task", "sst2", "--model", str(tiny_backbone_dir), "--output", str(output),
-                 "--epochs", "2", "--learning-rate", "1e-2", "--batch-size", "16", "--data-dir", str(glue_dir),
-                 "--no-progress"])
-    assert code == 0
-    return output
-
-
-def test_evaluate_prints_tables_and_writes_files(trained, glue_dir, capsys, tmp_path):
-    assert main(["evaluate", str(trained), "--data-dir", str(glue_dir), "--output", str(tmp_path), "--no-progress"]) == 0
+def test_evaluate_prints_tables_and_writes_files(tiny_checkpoint, glue_dir, capsys, tmp_path):
+    assert main(["evaluate", str(tiny_checkpoint), "--data-dir", str(glue_dir), "--output", str(tmp_path), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "accuracy of every exit" in out and "oracle" in out and "edr" in out and "patience" in out
     report = json.loads((tmp_path / "evaluation.json").read_text())
@@ -25,18 +15,18 @@ def test_evaluate_prints_tables_and_writes_files(trained, glue_dir, capsys, tmp_
     assert (tmp_path / "sweeps.csv").read_text().startswith("policy,")
 
 
-def test_predict_text(trained, capsys):
-    assert main(["predict", str(trained), "--text", "the film was good great"]) == 0
+def test_predict_text(tiny_checkpoint, capsys):
+    assert main(["predict", str(tiny_checkpoint), "--text", "the film was good great"]) == 0
     answer = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert answer["label"] in ("0", "1") and 1 <= answer["exit_layer"] <= 4
-    assert main(["predict", str(trained), "--text", "x", "--criterion", "patience", "--patience", "2"]) == 0
+    assert main(["predict", str(tiny_checkpoint), "--text", "x", "--criterion", "patience", "--patience", "2"]) == 0
 
 
-def test_predict_file_writes_predictions_in_order(trained, tmp_path):
+def test_predict_file_writes_predictions_in_order(tiny_checkpoint, tmp_path):
     source = tmp_path / "in.tsv"
     source.write_text("id\tsentence\n1\tthe film was good\n2\tthe film was awful dull\n3\tnice\n")
     target = tmp_path / "out.jsonl"
-    assert main(["predict", str(trained), "--input", str(source), "--text-column", "sentence",
+    assert main(["predict", str(tiny_checkpoint), "--input", str(source), "--text-column", "sentence",
                  "--output", str(target)]) == 0
     rows = [json.loads(line) for line in target.read_text().splitlines()]
     assert [r["text"] for r in rows] == ["the film was good", "the film was awful dull", "nice"]

@@ -147,7 +147,8 @@ def test_resolve_glue_dir_order(tmp_path, monkeypatch):
     monkeypatch.setenv("GLUE_DIR", str(env))
     monkeypatch.chdir(work)
     assert resolve_glue_dir(given, get_task("rte")) == given
-    assert resolve_glue_dir(str(given), get_task("sst2")) == env
+    with pytest.raises(DataError, match="--data-dir"):  # an explicit folder is never silently replaced
+        resolve_glue_dir(str(given), get_task("sst2"))
     assert resolve_glue_dir(None, get_task("rte")) == env
     assert resolve_glue_dir(None, get_task("cola")).resolve() == shared.resolve()
 
@@ -158,8 +159,11 @@ def test_resolve_glue_dir_says_where_it_looked(tmp_path, monkeypatch):
     with pytest.raises(DataError) as err:
         resolve_glue_dir(tmp_path / "mine", get_task("mnli"))
     message = str(err.value)
-    assert f"{tmp_path / 'mine' / 'MNLI'} (--data-dir)" in message and "../shared/data/glue" in message
-    assert "$GLUE_DIR is not set" in message and "download" in message and "--data-dir" in message
+    assert f"{tmp_path / 'mine' / 'MNLI'} (--data-dir)" in message and "download" in message
+    with pytest.raises(DataError) as err:
+        resolve_glue_dir(None, get_task("mnli"))
+    message = str(err.value)
+    assert "../shared/data/glue" in message and "$GLUE_DIR is not set" in message and "--data-dir" in message
     assert "--hub-dataset nyu-mll/glue" in message
 
 

@@ -104,18 +104,18 @@ def read_glue_split(task: TaskSpec, split: str, data_dir: Path) -> list[Example]
 
 
 def resolve_glue_dir(data_dir: str | Path | None, task: TaskSpec) -> Path:
-    """The first of `data_dir`, $GLUE_DIR and ../shared/data/glue (from the working directory) holding the task."""
-    candidates = []
+    """`data_dir` if given, else the first of $GLUE_DIR and ../shared/data/glue (from the working directory)
+    that holds the task. An explicit `data_dir` is never silently replaced by another folder."""
     if data_dir is not None:
-        candidates.append((Path(data_dir), "--data-dir"))
-    if os.environ.get("GLUE_DIR"):
-        candidates.append((Path(os.environ["GLUE_DIR"]), "$GLUE_DIR"))
-    candidates.append((Path.cwd().parent / "shared" / "data" / "glue", "../shared/data/glue"))
+        candidates = [(Path(data_dir), "--data-dir")]
+    else:
+        candidates = [(Path(os.environ["GLUE_DIR"]), "$GLUE_DIR")] if os.environ.get("GLUE_DIR") else []
+        candidates.append((Path.cwd().parent / "shared" / "data" / "glue", "../shared/data/glue"))
     for directory, _ in candidates:
         if (directory / task.folder).is_dir():
             return directory
     looked = "; ".join(f"{directory / task.folder} ({source})" for directory, source in candidates)
-    unset = "" if os.environ.get("GLUE_DIR") else " ($GLUE_DIR is not set)"
+    unset = "" if data_dir is not None or os.environ.get("GLUE_DIR") else " ($GLUE_DIR is not set)"
     raise DataError(f"GLUE task {task.name} not found; looked for folder {task.folder} in: {looked}{unset}. "
                     f"To fix: {GLUE_DOWNLOAD_HINT}")
 
