@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 GLUE_DIR ?= ../shared/data/glue
 DEMO_DIR ?= runs/demo-sst2
-DEMO_SAMPLES ?= 4000
+DEMO_SAMPLES ?= 8000
 
 .PHONY: install demo test mpnet bench clean
 

@@ -6,6 +6,7 @@ plus a summary table results/wallclock/summary.json.
 
     .venv/bin/python benchmarks/wallclock.py                       # MiniLM-L6 on SST-2 and RTE
     .venv/bin/python benchmarks/wallclock.py --backbones minilm-l6 mpnet-base
+    .venv/bin/python benchmarks/wallclock.py --checkpoint sst2=runs/demo-sst2 --checkpoint rte=runs/rte-de3
 """
 
 from __future__ import annotations
@@ -39,14 +40,18 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=["sst2", "rte"], help="GLUE tasks whose dev sets are timed")
     parser.add_argument("--latency-inputs", type=int, default=200, help="inputs timed one at a time")
     parser.add_argument("--repeats", type=int, default=3, help="repeated passes (medians)")
+    parser.add_argument("--checkpoint", action="append", default=[], metavar="TASK=DIR",
+                        help="time this already trained checkpoint for TASK instead of training one")
     parser.add_argument("--data-dir", help="GLUE folder (default: $GLUE_DIR, else ../shared/data/glue)")
     args = parser.parse_args()
+    given = dict(item.split("=", 1) for item in args.checkpoint)
     out = RESULTS / "wallclock"
     out.mkdir(parents=True, exist_ok=True)
     summary = []
     for backbone in args.backbones:
         for task in args.tasks:
-            report = run_benchmark(checkpoint(backbone, task, args.data_dir), task, args.data_dir,
+            folder = given.get(task) or checkpoint(backbone, task, args.data_dir)
+            report = run_benchmark(folder, task, args.data_dir,
                                    BenchSettings(latency_inputs=args.latency_inputs, repeats=args.repeats))
             name = f"{backbone}-{task}"
             (out / f"{name}.json").write_text(json.dumps(report, indent=2))

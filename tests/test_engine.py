@@ -34,15 +34,16 @@ def policies_for(model, batch):
     return chosen
 
 
-@pytest.mark.parametrize("batch_size", [1, 7, 32])
-def test_engine_equals_offline_simulation_for_every_policy(batch_size):
-    model = sharpen(tiny_model())
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+@pytest.mark.parametrize("batch_size,chunk_size", [(1, None), (7, None), (32, None), (32, 5)])
+def test_engine_equals_offline_simulation_for_every_policy(batch_size, chunk_size, pooling):
+    model = sharpen(tiny_model(pooling=pooling))
     engine = EarlyExitEngine(model, ExitPolicy("entropy"))
     batch = padded_batch(batch_size, max_len=16, seed=batch_size)
     exit_layers_seen = set()
     for policy in policies_for(model, batch):
         expected = offline(model, batch, policy)
-        actual = engine.run_batch(**batch, policy=policy)
+        actual = engine.run_batch(**batch, policy=policy, chunk_size=chunk_size)
         assert actual.exit_layers.tolist() == expected.exit_layers.tolist(), policy
         assert actual.predictions.tolist() == expected.predictions.tolist(), policy
         assert torch.allclose(actual.indicators, expected.indicators, atol=1e-5), policy
@@ -103,3 +104,31 @@ def test_predict_from_text_returns_input_order(tokenizer):
     assert [p.label for p in bucketed] == [p.label for p in single]
     assert [p.exit_layer for p in bucketed] == [p.exit_layer for p in single]
     assert all(abs(sum(p.probabilities.values()) - 1) < 1e-5 for p in bucketed)
+
+
+def test_chunks_are_repacked_as_rows_exit():
+    model = sharpen(tiny_model())
+    batch = padded_batch(16, seed=5)
+    policy = policies_for(model, batch)[1]  # entropy, mid threshold
+    chunk_rows = []
+    for index, layer in enumerate(model.backbone.encoder.encoder.layer):
+        layer.register_forward_hook(lambda module, inputs, output, index=index: chunk_rows.append((index, inputs[0].shape[0])))
+    result = EarlyExitEngine(model, policy).run_batch(**batch, chunk_size=4)
+    for m in range(len(model.heads)):
+        active = int((result.exit_layers > m).sum())
+        rows = [n for index, n in chunk_rows if index == m]
+        assert sum(rows) == active and all(n <= 4 for n in rows)
+        assert len(rows) == -(-active // 4)  # survivors fill as few chunks as possible
+
+
+def test_full_depth_skips_internal_heads():
+    model = sharpen(tiny_model())
+    heads_called = []
+    for index, head in enumerate(model.heads):
+        head.register_forward_hook(lambda *args, index=index: heads_called.append(index))
+    batch = padded_batch(6)
+    result = EarlyExitEngine(model, ExitPolicy("full-depth")).run_batch(**batch)
+    assert heads_called == [len(model.heads) - 1]
+    assert result.exit_layers.tolist() == [len(model.heads)] * 6
+    with torch.no_grad():
+        assert result.predictions.tolist() == model(**batch).layers[-1].logits.argmax(-1).tolist()

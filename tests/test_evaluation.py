@@ -4,7 +4,7 @@ import torch
 from de3bert.data import get_task
 from de3bert.errors import PolicyError
 from de3bert.evaluation import (LayerOutputs, calibrate, calibrated_table, candidate_policies, evaluate_policy,
-                                layer_metrics, oracle, sweep)
+                                indicator_auroc, layer_metrics, oracle, sweep)
 
 SST2 = get_task("sst2")
 
@@ -65,3 +65,20 @@ def test_candidate_thresholds_stay_in_unit_interval():
     outputs = three_layer_outputs()
     for criterion in ("entropy", "confidence", "pcee"):
         assert all(0.0 <= p.threshold <= 1.0 for p in candidate_policies(criterion, outputs))
+
+
+def test_indicator_auroc_hand_computed():
+    # one layer, 4 samples; labels 0,0,1,1; predictions 0,1,1,0 -> correct: T, F, T, F
+    # margins 3, 1, 2, 0.5 -> entropy lowest for sample 0, then 2, 1, 3: both correct rank above both wrong
+    logits = torch.tensor([[[3.0, 0.0], [0.0, 1.0], [0.0, 2.0], [0.5, 0.0]]])
+    outputs = LayerOutputs(logits, None, torch.tensor([0, 0, 1, 1]))
+    assert indicator_auroc("entropy", outputs) == [pytest.approx(1.0)]
+    assert indicator_auroc("confidence", outputs) == [pytest.approx(1.0)]
+    # swap which answers are right: the certain ones are now wrong
+    flipped = LayerOutputs(logits, None, torch.tensor([1, 1, 0, 0]))
+    assert indicator_auroc("entropy", flipped) == [pytest.approx(0.0)]
+
+
+def test_indicator_auroc_undefined_when_all_answers_agree():
+    logits = torch.tensor([[[3.0, 0.0], [2.0, 0.0]]])
+    assert indicator_auroc("entropy", LayerOutputs(logits, None, torch.tensor([0, 0]))) == [None]

@@ -43,7 +43,7 @@ def cmd_train(args) -> None:
         head_learning_rate=args.head_learning_rate, batch_size=args.batch_size, seed=args.seed, alpha=args.alpha,
         beta=args.beta, target_speedup=args.target_speedup, lam=args.lam, max_train_samples=args.max_train_samples,
         calibration_fraction=args.calibration_fraction, max_length=args.max_length, progress=not args.no_progress)
-    heads = ExitHeadConfig(prototype_dim=args.prototype_dim, distance=args.distance)
+    heads = ExitHeadConfig(prototype_dim=args.prototype_dim, distance=args.distance, pooling=args.pooling)
     result = train(args.task, args.model, training_args, args.data_dir, args.hub_dataset, heads)
     print(f"best checkpoint (selection score {result.best_score:.4f}) saved to {result.output_dir}")
 
@@ -67,6 +67,11 @@ def cmd_evaluate(args) -> None:
     for row in report["calibrated"]:
         if "error" in row:
             print(f"  {row['policy']} at {row['target_speedup']}x: {row['error']}")
+    if report["separation"]:
+        print("\nhow well each indicator separates right from wrong answers (AUROC per layer, 0.5 = not at all):")
+        print(_table([{"indicator": c, **{f"L{m + 1}": v for m, v in enumerate(scores)}}
+                      for c, scores in report["separation"].items()],
+                     ["indicator"] + [f"L{m + 1}" for m in range(report["num_layers"])]))
     print(f"\nfull-depth {metric}: {report['full_depth']:.4f}; sweeps, tables and plot written to {output}")
 
 
@@ -100,17 +105,21 @@ def cmd_bench(args) -> None:
 
     settings = BenchSettings(criterion=args.criterion, targets=tuple(args.targets), latency_inputs=args.latency_inputs,
                              throughput_inputs=args.throughput_inputs, batch_size=args.batch_size,
-                             repeats=args.repeats, threads=args.threads, split=args.split)
+                             pool_size=args.pool_size, repeats=args.repeats, threads=args.threads, split=args.split)
     report = run_benchmark(args.checkpoint, args.task, args.data_dir, settings, progress=not args.no_progress)
     output = Path(args.output) if args.output else Path(args.checkpoint) / "bench"
     output.mkdir(parents=True, exist_ok=True)
     (output / "wallclock.json").write_text(json.dumps(report, indent=2))
     plot_benchmark(report, output / "wallclock.png")
     print(f"{report['task']} {report['split']}: {report['latency_inputs']} inputs at batch 1, "
-          f"{report['throughput_inputs']} at batch {args.batch_size}, {args.threads} threads, medians of {args.repeats}")
+          f"{report['throughput_inputs']} in batches of {args.batch_size} and in pools of {args.pool_size}, "
+          f"{args.threads} threads, medians of {args.repeats}")
     print(_table(report["rows"], ["system", "latency_p50_ms", "latency_p95_ms", "layer_speedup_batch1",
-                                  "wallclock_speedup_batch1", "throughput_per_s", "layer_speedup_batched",
-                                  "wallclock_speedup_batched"]))
+                                  "wallclock_speedup_batch1"]))
+    print(_table(report["rows"], ["system", "layer_speedup_batched", "throughput_per_s", "wallclock_speedup_batched",
+                                  "throughput_pooled_per_s", "wallclock_speedup_pooled"]))
+    print(f"exit heads + policy: {report['overhead']['measured_head_and_policy_ms_per_layer_batch1']:.3f} ms per layer "
+          f"at batch 1; heads hold {100 * report['overhead']['overhead_fraction']:.1f}% of the backbone's parameters")
     print(f"written to {output}/wallclock.json and wallclock.png")
 
 
@@ -139,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output", required=True, help="checkpoint folder to write")
     train.add_argument("--epochs", type=int, default=3, help="epochs (per stage)")
     train.add_argument("--learning-rate", type=float, default=5e-5, help="peak learning rate of the backbone")
-    train.add_argument("--head-learning-rate", type=float, default=None, help="peak learning rate of the exit heads")
+    train.add_argument("--head-learning-rate", type=float, default=1e-3,
+                       help="peak learning rate of the freshly initialized exit heads and prototypes")
     train.add_argument("--batch-size", type=int, default=32, help="training batch size")
     train.add_argument("--max-length", type=int, default=128, help="max tokens per input (longer is truncated)")
     train.add_argument("--max-train-samples", type=int, default=None, help="train on a fixed random subsample")
@@ -150,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--beta", type=float, default=None, help="DAR weight β (de3 default 1; 0 = off)")
     train.add_argument("--prototype-dim", type=int, default=None, help="metric space dimension d (default: hidden)")
     train.add_argument("--distance", default="sqeuclidean", choices=["sqeuclidean", "cosine"], help="prototype distance")
+    train.add_argument("--pooling", default=None, choices=["cls", "mean"],
+                       help="what each exit head reads: the [CLS] state (the paper) or the mean over tokens "
+                            "(default: the backbone's own pretrained pooling, mean for minilm-l6 and mpnet-base)")
     train.add_argument("--target-speedup", type=float, default=2.0,
                        help="layer speed-up the checkpoint's default policy is calibrated to")
     train.add_argument("--lam", type=float, default=1.0, help="λ of EDR")
@@ -193,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--latency-inputs", type=int, default=200, help="inputs timed one at a time")
     bench.add_argument("--throughput-inputs", type=int, help="inputs in the batched runs (default: all)")
     bench.add_argument("--batch-size", type=int, default=32, help="batch size of the throughput runs")
+    bench.add_argument("--pool-size", type=int, default=256,
+                       help="inputs run layer by layer together in the pooled runs (survivors re-packed)")
     bench.add_argument("--repeats", type=int, default=3, help="repeated passes (medians are reported)")
     bench.add_argument("--threads", type=int, default=2, help="torch threads")
     bench.add_argument("--output", help="folder for wallclock.json and wallclock.png (default: CHECKPOINT/bench)")

@@ -1,10 +1,12 @@
 """Early-exit inference that really stops computing.
 
-After every layer the policy decides which rows of the batch exit; those rows are recorded and
-dropped from the active set (hidden states, attention mask, policy state), trailing padding
-columns that no remaining row needs are cut, and only the remaining rows go through the next
-layer. A batch of one therefore stops at its exit layer. Only the parts of a head the policy reads
-are computed (patience and entropy policies skip the prototypical network).
+The engine runs a pool of inputs layer by layer. After every layer the policy decides which rows
+exit; those rows are recorded and dropped from the pool (hidden states, attention mask, policy
+state), and only the remaining rows go through the next layer. The remaining rows are re-packed
+into dense compute chunks of `batch_size` rows, each cut to the padding its longest row needs, so
+late layers still run on full batches instead of on the few survivors of one batch. A batch of
+one therefore stops at its exit layer. Only the parts of a head the policy reads are computed
+(patience and entropy policies skip the prototypical network; full depth skips internal heads).
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from de3bert.data import Collator, Example, encode_examples, length_sorted_batches
+from de3bert.data import Collator, Example, encode_examples
 from de3bert.errors import PolicyError
+from de3bert.heads import HeadOutput
 from de3bert.modeling import EarlyExitModel
 from de3bert.policies import ExitPolicy
 
@@ -40,7 +43,7 @@ class Prediction:
 
 
 def _trim_padding(hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Drop trailing columns that are padding for every remaining row."""
+    """Drop trailing columns that are padding for every row."""
     used = mask.any(0).nonzero()
     length = int(used.max()) + 1 if used.numel() else mask.shape[1]
     if length == mask.shape[1]:
@@ -49,44 +52,71 @@ def _trim_padding(hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tenso
 
 
 class EarlyExitEngine:
-    """Runs an EarlyExitModel layer by layer and stops each input at the layer its policy picks."""
+    """Runs an EarlyExitModel layer by layer and stops each input at the layer its policy picks.
+
+    batch_size: rows per compute chunk. pool_size: inputs run together layer by layer by
+    `run_examples` (rows that exit are replaced by rows of the same pool, keeping chunks full).
+    """
 
     def __init__(self, model: EarlyExitModel, policy: ExitPolicy | None = None, batch_size: int = 32,
-                 bucket_by_length: bool = True):
+                 pool_size: int = 256):
         if policy is None:
             if not model.config.policy:
                 raise PolicyError("the checkpoint has no calibrated exit policy; pass one (criterion and threshold)")
             policy = ExitPolicy(**model.config.policy)
-        if policy.needs_prototypes and not model.heads[0].has_prototypes:
-            raise PolicyError(f"criterion '{policy.criterion}' needs prototypes, but this model's heads have none "
-                              "(trained with a recipe without prototypes)")
+        self._check(policy, model)
         self.model = model.eval()
         self.policy = policy
         self.batch_size = batch_size
-        self.bucket_by_length = bucket_by_length
+        self.pool_size = max(pool_size, batch_size)
         self.collator = Collator(model.tokenizer) if model.tokenizer is not None else None
+
+    @staticmethod
+    def _check(policy: ExitPolicy, model: EarlyExitModel) -> None:
+        if policy.needs_prototypes and not model.heads[0].has_prototypes:
+            raise PolicyError(f"criterion '{policy.criterion}' needs prototypes, but this model's heads have none "
+                              "(trained with a recipe without prototypes)")
 
     @torch.no_grad()
     def run_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  token_type_ids: torch.Tensor | None = None, policy: ExitPolicy | None = None) -> BatchExits:
-        """Early-exit forward of one padded batch; rows leave the computation as they exit."""
+                  token_type_ids: torch.Tensor | None = None, policy: ExitPolicy | None = None,
+                  chunk_size: int | None = None) -> BatchExits:
+        """Early-exit forward of a padded batch (computed in chunks of chunk_size rows, default all);
+        rows leave the computation as they exit."""
         policy = policy or self.policy
+        self._check(policy, self.model)
         backbone, heads = self.model.backbone, self.model.heads
         num_layers, batch = len(heads), input_ids.shape[0]
-        hidden = backbone.embed(input_ids, token_type_ids)
-        mask = attention_mask
-        hidden, mask = _trim_padding(hidden, mask)
-        context = backbone.context(hidden, mask)
+        chunk_size = chunk_size or batch
+        hidden, mask = _trim_padding(backbone.embed(input_ids, token_type_ids), attention_mask)
         state = policy.initial_state(batch, hidden.device)
         active = torch.arange(batch, device=hidden.device)
         width = heads[0].classifier.out_features
         logits = hidden.new_zeros(batch, width)
         exit_layers = torch.zeros(batch, dtype=torch.long, device=hidden.device)
         indicators = hidden.new_zeros(batch)
+        chunks = None
         for index in range(num_layers):
-            hidden = backbone.run_layer(index, hidden, context)
-            output = heads[index](hidden[:, 0], with_prototypes=policy.needs_prototypes)
-            step = policy.step(output, state, is_last=index == num_layers - 1)
+            is_last = index == num_layers - 1
+            with_head = is_last or policy.reads_internal_heads
+            if chunks is None:  # (re-)pack the active rows into dense chunks, each with its own padding and mask
+                chunks = []
+                for start in range(0, hidden.shape[0], chunk_size):
+                    chunk_hidden, chunk_mask = _trim_padding(hidden[start:start + chunk_size],
+                                                             mask[start:start + chunk_size])
+                    chunks.append([start, chunk_hidden, chunk_mask, backbone.context(chunk_hidden, chunk_mask)])
+            outputs = []
+            for chunk in chunks:
+                start, chunk_hidden, chunk_mask, context = chunk
+                chunk[1] = chunk_hidden = backbone.run_layer(index, chunk_hidden, context)
+                if with_head:
+                    outputs.append(heads[index](chunk_hidden, chunk_mask, with_prototypes=policy.needs_prototypes))
+            if not with_head:
+                continue
+            output = outputs[0] if len(outputs) == 1 else HeadOutput(
+                torch.cat([o.logits for o in outputs]),
+                None if outputs[0].distances is None else torch.cat([o.distances for o in outputs]))
+            step = policy.step(output, state, is_last=is_last)
             leaving = active[step.exits]
             logits[leaving] = output.logits[step.exits].to(logits.dtype)
             indicators[leaving] = step.indicator[step.exits].to(indicators.dtype)
@@ -96,27 +126,25 @@ class EarlyExitEngine:
                 break
             state = step.state
             if leaving.numel():
+                for start, chunk_hidden, _, _ in chunks:
+                    hidden[start:start + chunk_size, :chunk_hidden.shape[1]] = chunk_hidden
                 active, state = active[staying], state.select(staying)
                 hidden, mask = _trim_padding(hidden[staying], mask[staying])
-                context = backbone.context(hidden, mask)
+                chunks = None
         predictions = logits.squeeze(-1) if width == 1 else logits.argmax(-1)
         return BatchExits(logits, predictions, exit_layers, indicators)
 
     def run_examples(self, examples: list[Example], policy: ExitPolicy | None = None) -> BatchExits:
-        """Early-exit results for examples, batched (by similar length if enabled), in input order."""
+        """Early-exit results for examples, in input order: pools of similar length, dense chunks."""
         if self.collator is None:
             raise PolicyError("the model has no tokenizer; use run_batch with token ids")
         encoded = encode_examples(self.model.tokenizer, examples, self.model.config.max_length)
-        if self.bucket_by_length:
-            batches = length_sorted_batches([len(e.input_ids) for e in encoded], self.batch_size)
-        else:
-            batches = [list(range(i, min(i + self.batch_size, len(encoded)))) for i in range(0, len(encoded), self.batch_size)]
-        parts, order = [], []
-        for indices in batches:
-            batch = self.collator([encoded[i] for i in indices])
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
+        parts = []
+        for start in range(0, len(order), self.pool_size):
+            batch = self.collator([encoded[i] for i in order[start:start + self.pool_size]])
             batch.pop("labels")
-            parts.append(self.run_batch(**batch, policy=policy))
-            order += indices
+            parts.append(self.run_batch(**batch, policy=policy, chunk_size=self.batch_size))
         inverse = torch.empty(len(order), dtype=torch.long)
         inverse[torch.tensor(order)] = torch.arange(len(order))
         return BatchExits(*(torch.cat([getattr(p, f) for p in parts])[inverse]

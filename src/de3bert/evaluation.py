@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from sklearn.metrics import roc_auc_score
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -164,6 +165,26 @@ def calibrated_table(criteria: tuple[str, ...], calibration: LayerOutputs, evalu
     return rows
 
 
+SEPARATION_CRITERIA = ("edr", "entropy", "confidence", "dr")
+
+
+def indicator_auroc(criterion: str, outputs: LayerOutputs, lam: float = 1.0) -> list[float | None]:
+    """Per layer: AUROC of the indicator (oriented so higher = more certain) against that exit being
+    correct — how well the criterion separates right from wrong answers (0.5 = not at all)."""
+    if outputs.logits.shape[-1] == 1:
+        raise PolicyError("indicator separation is defined for classification tasks only")
+    probe = ExitPolicy(criterion, lam=lam)
+    orientation = -1.0 if CRITERIA[criterion][1] else 1.0
+    correct = outputs.predictions() == outputs.labels.unsqueeze(0)  # (M, N)
+    scores = []
+    for m, head in enumerate(outputs.heads()):
+        indicator, _ = probe.indicator(head, None)
+        labels = correct[m]
+        both_present = bool(labels.any()) and not bool(labels.all())
+        scores.append(float(roc_auc_score(labels.numpy(), (orientation * indicator).numpy())) if both_present else None)
+    return scores
+
+
 def criteria_for(model: EarlyExitModel) -> tuple[str, ...]:
     """The exit criteria a model supports (prototype criteria need prototype heads)."""
     if model.config.is_regression:
@@ -211,6 +232,7 @@ def evaluate_checkpoint(checkpoint: str | Path, task_name: str | None = None, da
         "layer_metrics": layers, "full_depth": main_metric(task, layers[-1]), "oracle": oracle(dev, task),
         "sweeps": {c: sweep(c, dev, task, **grid) for c in criteria},
         "calibrated": calibrated_table(criteria, calibration, dev, task, **grid),
+        "separation": {c: indicator_auroc(c, dev, grid["lam"]) for c in SEPARATION_CRITERIA if c in criteria},
         "overhead": model.overhead(),
     }
     if output_dir is not None:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 DISTANCES = ("sqeuclidean", "cosine")
+POOLINGS = ("cls", "mean")
 
 
 @dataclass
@@ -36,11 +37,24 @@ def prototype_distances(embeddings: torch.Tensor, prototypes: torch.Tensor, metr
     raise ValueError(f"unknown distance '{metric}'; choose one of {DISTANCES}")
 
 
-class ExitHead(nn.Module):
-    """Pooler (dense + tanh on [CLS]) → dropout → classifier, and mapping g + prototypes P."""
+def pool_sequence(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """One vector per input (B, H) from hidden states (B, T, H): the [CLS] state, or the mean over
+    real (unpadded) tokens — the pooling sentence-embedding backbones were pretrained with."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    if pooling == "mean":
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+    raise ValueError(f"unknown pooling '{pooling}'; choose one of {POOLINGS}")
 
-    def __init__(self, hidden_size: int, num_labels: int, prototype_dim: int | None, distance: str, dropout: float):
+
+class ExitHead(nn.Module):
+    """Pooling → pooler (dense + tanh) → dropout → classifier, and mapping g + prototypes P."""
+
+    def __init__(self, hidden_size: int, num_labels: int, prototype_dim: int | None, distance: str, dropout: float,
+                 pooling: str = "cls"):
         super().__init__()
+        self.pooling = pooling
         self.pooler = nn.Linear(hidden_size, hidden_size)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(hidden_size, num_labels)
@@ -57,9 +71,9 @@ class ExitHead(nn.Module):
         """Whether this head carries a prototypical network."""
         return self.projection is not None
 
-    def forward(self, cls_hidden: torch.Tensor, with_prototypes: bool = True) -> HeadOutput:
-        """Logits and (optionally) prototype distances for the [CLS] hidden states (B, H)."""
-        pooled = self.dropout(torch.tanh(self.pooler(cls_hidden)))
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor, with_prototypes: bool = True) -> HeadOutput:
+        """Logits and (optionally) prototype distances for a layer's hidden states (B, T, H) and mask (B, T)."""
+        pooled = self.dropout(torch.tanh(self.pooler(pool_sequence(hidden, mask, self.pooling))))
         logits = self.classifier(pooled)
         if not (with_prototypes and self.has_prototypes):
             return HeadOutput(logits)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -15,7 +15,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from de3bert.backbones import Backbone, backbone_from_config, count_parameters, load_backbone, resolve_backbone
 from de3bert.errors import CheckpointError
-from de3bert.heads import DISTANCES, ExitHead, HeadOutput
+from de3bert.heads import DISTANCES, POOLINGS, ExitHead, HeadOutput
 from de3bert.model_card import write_model_card
 
 FORMAT_VERSION = 1
@@ -31,11 +31,15 @@ class ExitHeadConfig:
         prototypical network (PABEE/DeeBERT heads, regression).
     distance: "sqeuclidean" (DESIGN default) or "cosine".
     dropout: dropout between pooler and classifier.
+    pooling: what each head reads from its layer — "cls" (the paper's [CLS] state) or "mean"
+        (mean over tokens); None = the pooling the backbone was pretrained with (resolved when the
+        model is built: sentence-embedding backbones such as minilm-l6 and mpnet-base use "mean").
     """
 
     prototype_dim: int | None = None
     distance: str = "sqeuclidean"
     dropout: float = 0.1
+    pooling: str | None = None
 
 
 @dataclass
@@ -102,6 +106,8 @@ class EarlyExitModel(nn.Module):
         super().__init__()
         if config.heads.distance not in DISTANCES:
             raise CheckpointError(f"unknown distance '{config.heads.distance}'; choose one of {DISTANCES}")
+        if config.heads.pooling not in (None, *POOLINGS):
+            raise CheckpointError(f"unknown pooling '{config.heads.pooling}'; choose one of {POOLINGS}")
         self.config = config
         self.backbone = backbone
         self.tokenizer = tokenizer
@@ -111,7 +117,8 @@ class EarlyExitModel(nn.Module):
         else:
             prototype_dim = config.heads.prototype_dim or hidden
         self.heads = nn.ModuleList(
-            ExitHead(hidden, config.num_labels, prototype_dim, config.heads.distance, config.heads.dropout)
+            ExitHead(hidden, config.num_labels, prototype_dim, config.heads.distance, config.heads.dropout,
+                     config.heads.pooling or "cls")
             for _ in range(backbone.num_layers)
         )
 
@@ -132,9 +139,12 @@ class EarlyExitModel(nn.Module):
         """New model on a pretrained backbone with freshly initialized exit heads."""
         backbone, tokenizer = load_backbone(backbone_name)
         pretrained_pooler = _pretrained_pooler_state(backbone_name)
+        heads = heads or ExitHeadConfig()
+        if heads.pooling is None:
+            heads = replace(heads, pooling=pretrained_pooling(backbone_name))
         config = EarlyExitConfig(
             backbone=backbone.config.to_dict(), backbone_name=backbone_name, task=task, labels=list(labels),
-            heads=heads or ExitHeadConfig(), max_length=max_length,
+            heads=heads, max_length=max_length,
         )
         model = cls(config, backbone, tokenizer)
         model.init_heads(pretrained_pooler)
@@ -166,7 +176,7 @@ class EarlyExitModel(nn.Module):
         layers = []
         for index, head in enumerate(self.heads):
             hidden = self.backbone.run_layer(index, hidden, context)
-            layers.append(head(hidden[:, 0], with_prototypes=with_prototypes))
+            layers.append(head(hidden, attention_mask, with_prototypes=with_prototypes))
         return EarlyExitOutput(layers)
 
     def overhead(self) -> dict[str, int | float]:
@@ -262,6 +272,15 @@ def _load_tokenizer(directory: Path) -> PreTrainedTokenizerBase:
         return AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {directory} has no usable tokenizer files: {exc}") from exc
+
+
+def pretrained_pooling(backbone_name: str) -> str:
+    """The pooling a backbone was pretrained with: "mean" for sentence-transformers models that
+    declare mean pooling (1_Pooling/config.json), else "cls"."""
+    pooling_config = Path(resolve_backbone(backbone_name)) / "1_Pooling" / "config.json"
+    if pooling_config.exists() and json.loads(pooling_config.read_text()).get("pooling_mode_mean_tokens"):
+        return "mean"
+    return "cls"
 
 
 def _pretrained_pooler_state(backbone_name: str) -> dict[str, torch.Tensor] | None:

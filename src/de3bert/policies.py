@@ -10,8 +10,9 @@ by layer, through a single mechanism shared by every criterion:
 
 DeeBERT/entropy, confidence, DR and DE³/EDR use patience 1; PABEE is "prediction unchanged" with
 patience t; PCEE is "entropy < τ" with patience t; regression patience is "|Δ output| < τ" with
-patience t. The offline simulation (`simulate_exits`) and the inference engine both call
-`ExitPolicy.step`, so they cannot disagree.
+patience t; full depth never exits early (the engine then skips the internal heads altogether).
+The offline simulation (`simulate_exits`) and the inference engine both call `ExitPolicy.step`, so
+they cannot disagree.
 """
 
 from __future__ import annotations
@@ -65,11 +66,12 @@ CRITERIA = {
     "pcee": (False, True),
     "patience": (False, True),
     "regression-patience": (False, True),
+    "full-depth": (False, True),
 }
 PAPER_NAMES = {
     "edr": "DE³ (EDR)", "entropy": "DeeBERT (entropy)", "confidence": "max-probability",
     "dr": "DR only", "pcee": "PCEE (entropy+patience)", "patience": "PABEE (patience)",
-    "regression-patience": "patience (regression)",
+    "regression-patience": "patience (regression)", "full-depth": "full depth (no early exit)",
 }
 
 
@@ -121,6 +123,11 @@ class ExitPolicy:
             raise PolicyError(f"λ must be positive, got {self.lam}")
 
     @property
+    def reads_internal_heads(self) -> bool:
+        """Whether exits before the last layer are possible (else their heads need not be computed)."""
+        return self.criterion != "full-depth"
+
+    @property
     def needs_prototypes(self) -> bool:
         """Whether the policy reads prototype distances (so the engine must compute them)."""
         return CRITERIA[self.criterion][0]
@@ -145,7 +152,7 @@ class ExitPolicy:
         if self.criterion == "patience":
             changed = torch.ones_like(prediction, dtype=torch.bool) if previous is None else prediction != previous
             return changed.float(), prediction
-        if self.criterion in ("entropy", "pcee"):
+        if self.criterion in ("entropy", "pcee", "full-depth"):
             return normalized_entropy(probs), prediction
         if self.criterion == "confidence":
             return max_probability(probs), prediction
@@ -158,6 +165,8 @@ class ExitPolicy:
 
     def confident(self, indicator: torch.Tensor) -> torch.Tensor:
         """Whether each row is confident at this layer."""
+        if self.criterion == "full-depth":
+            return torch.zeros_like(indicator, dtype=torch.bool)
         if self.criterion == "patience":
             return indicator < 0.5  # indicator is 1 where the prediction changed
         below = CRITERIA[self.criterion][1]

@@ -7,7 +7,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -75,8 +75,9 @@ class TrainingArguments:
     """Epochs per stage."""
     learning_rate: float = 5e-5
     """Peak AdamW learning rate of the backbone."""
-    head_learning_rate: float | None = None
-    """Peak learning rate of the exit heads and prototypes (None: same as learning_rate)."""
+    head_learning_rate: float | None = 1e-3
+    """Peak learning rate of the freshly initialized exit heads and prototypes (None: learning_rate).
+    Shallow heads get a small share of the depth-weighted loss; at the backbone's rate they barely learn."""
     batch_size: int = 32
     """Training batch size."""
     eval_batch_size: int = 64
@@ -276,7 +277,7 @@ def train(task_name: str, backbone: str, args: TrainingArguments, data_dir: str 
     recipe = RECIPES[args.recipe]
     heads = heads or ExitHeadConfig()
     if not recipe.prototypes:
-        heads = ExitHeadConfig(prototype_dim=0, distance=heads.distance, dropout=heads.dropout)
+        heads = replace(heads, prototype_dim=0)
     seed_everything(args.seed)
     model = EarlyExitModel.from_backbone(backbone, task.name, list(task.labels), heads, args.max_length)
     encoded = {}

@@ -1,0 +1,265 @@
+"""GLUE trade-off study (issue: reproduce the paper's claim): DE³ vs DeeBERT, PABEE, PCEE at equal speed-up.
+
+Every method is trained with its own recipe on the same backbone and data, then each criterion's
+threshold is calibrated to layer speed-ups 1.5x, 2x and 3x on the held-out calibration slice of
+train and measured on dev:
+
+    de3 model:     DE³ (EDR, λ = 0.5 / 1 / 2), entropy, DR only, patience
+    pabee model:   PABEE (patience), PCEE (entropy + patience)
+    deebert model: DeeBERT (entropy)
+
+Resumable: trained checkpoints are cached under results/cache/tradeoff/, every finished run writes
+results/glue_tradeoff/runs/<run>.json and is skipped next time; results/glue_tradeoff/progress.json
+says what is done. `--report` only aggregates (mean ± std over seeds) into summary.json, table.md
+and one PNG per task.
+
+    .venv/bin/python benchmarks/glue_tradeoff.py --plan main        # MiniLM-L6 on SST-2, RTE, CoLA
+    .venv/bin/python benchmarks/glue_tradeoff.py --plan mpnet       # MPNet-12 on RTE and SST-2
+    .venv/bin/python benchmarks/glue_tradeoff.py --plan ablations   # DE³ variants on SST-2
+    .venv/bin/python benchmarks/glue_tradeoff.py --report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from de3bert.data import encode_examples, load_split, main_metric  # noqa: E402
+from de3bert.evaluation import (TARGET_SPEEDUPS, calibrated_table, calibration_examples,  # noqa: E402
+                                collect_layer_outputs, indicator_auroc, layer_metrics, oracle)
+from de3bert.modeling import EarlyExitModel, ExitHeadConfig  # noqa: E402
+from de3bert.training import TrainingArguments, train  # noqa: E402
+
+RESULTS = Path("results") / "glue_tradeoff"
+CACHE = Path("results") / "cache" / "tradeoff"
+# (method label, criterion, λ) evaluated on each recipe's model
+METHODS = {
+    "de3": [("DE³ (EDR)", "edr", 1.0), ("DE³ (EDR, λ=0.5)", "edr", 0.5), ("DE³ (EDR, λ=2)", "edr", 2.0),
+            ("entropy on DE³", "entropy", 1.0), ("DR only on DE³", "dr", 1.0), ("patience on DE³", "patience", 1.0)],
+    "pabee": [("PABEE", "patience", 1.0), ("PCEE", "pcee", 1.0)],
+    "deebert": [("DeeBERT", "entropy", 1.0)],
+}
+HEADLINE = ("DE³ (EDR)", "DeeBERT", "PABEE", "PCEE", "entropy on DE³")
+SEPARATION = ("edr", "entropy", "dr", "confidence")
+# Budgets sized for 2 CPU cores (per-stage epochs; SST-2 subsampled).
+TASK_SETTINGS = {
+    "sst2": dict(max_train_samples=8000, epochs=2, max_length=64),
+    "rte": dict(epochs=3, max_length=128),
+    "cola": dict(epochs=3, max_length=64),
+}
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run of the study: task, backbone, recipe, seed and an optional DE³ variant."""
+
+    task: str
+    backbone: str
+    recipe: str
+    seed: int
+    variant: str = ""
+    overrides: dict = field(default_factory=dict, hash=False, compare=False)
+
+    @property
+    def name(self) -> str:
+        """File-safe identifier."""
+        variant = f"-{self.variant}" if self.variant else ""
+        return f"{self.backbone}-{self.task}-{self.recipe}{variant}-s{self.seed}"
+
+
+def plan(name: str) -> list[Run]:
+    """The runs of a named plan, seed-major so that partial progress covers every method."""
+    if name == "main":
+        return [Run(task, "minilm-l6", recipe, seed)
+                for seed in (42, 43, 44) for task in ("sst2", "rte", "cola") for recipe in METHODS
+                if seed == 42 or task != "sst2"]
+    if name == "mpnet":
+        return [Run(task, "mpnet-base", recipe, 42) for task in ("rte", "sst2") for recipe in METHODS]
+    if name == "ablations":
+        variants = {"no-proto-loss": {"alpha": 0.0}, "no-dar": {"beta": 0.0}, "cosine": {"distance": "cosine"},
+                    "dim64": {"prototype_dim": 64}, "cls-pooling": {"pooling": "cls"},
+                    "paper-heads": {"pooling": "cls", "head_learning_rate": None}}
+        return [Run("sst2", "minilm-l6", "de3", 42, v, o) for v, o in variants.items()]
+    raise SystemExit(f"unknown plan '{name}'; choose main, mpnet or ablations")
+
+
+def trained_checkpoint(run: Run, data_dir: str | None, learning_rate: float) -> Path:
+    """The run's checkpoint, trained unless a finished one is cached."""
+    folder = CACHE / run.name
+    config = folder / "config.json"
+    if config.exists() and "layer_metrics" in json.loads(config.read_text())["de3bert"].get("training", {}):
+        return folder
+    head_keys = ("prototype_dim", "distance", "pooling")
+    heads = ExitHeadConfig(**{k: v for k, v in run.overrides.items() if k in head_keys})
+    args = TrainingArguments(output_dir=str(folder), recipe=run.recipe, seed=run.seed, learning_rate=learning_rate,
+                             progress=False, **TASK_SETTINGS[run.task],
+                             **{k: v for k, v in run.overrides.items() if k not in head_keys})
+    train(run.task, run.backbone, args, data_dir, heads=heads)
+    return folder
+
+
+def evaluate_run(run: Run, folder: Path, data_dir: str | None) -> dict:
+    """Calibrated trade-off of every method on the run's model, plus per-layer metrics, oracle, AUROC."""
+    model = EarlyExitModel.from_pretrained(folder)
+    task, dev_examples = load_split(run.task, "dev", data_dir)
+    encode = lambda examples: encode_examples(model.tokenizer, examples, model.config.max_length)  # noqa: E731
+    dev = collect_layer_outputs(model, encode(dev_examples))
+    calibration = collect_layer_outputs(model, encode(calibration_examples(model, run.task, data_dir, None)[1]))
+    layers = layer_metrics(dev, task)
+    methods = {}
+    for label, criterion, lam in METHODS[run.recipe]:
+        rows = calibrated_table((criterion,), calibration, dev, task, patience=2, lam=lam)
+        methods[label] = rows
+    report = {"run": run.name, "task": run.task, "backbone": run.backbone, "recipe": run.recipe, "seed": run.seed,
+              "variant": run.variant, "overrides": run.overrides, "metric": task.main_metric,
+              "layer_metrics": layers, "full_depth": main_metric(task, layers[-1]), "oracle": oracle(dev, task),
+              "methods": methods, "training": model.config.training}
+    if run.recipe == "de3":
+        report["separation"] = {c: indicator_auroc(c, dev) for c in SEPARATION}
+    return report
+
+
+def execute(runs: list[Run], data_dir: str | None, learning_rate: float) -> None:
+    """Train and evaluate every run not finished yet, recording progress after each."""
+    (RESULTS / "runs").mkdir(parents=True, exist_ok=True)
+    for index, run in enumerate(runs, 1):
+        target = RESULTS / "runs" / f"{run.name}.json"
+        if not target.exists():
+            print(f"[{index}/{len(runs)}] {run.name}", flush=True)
+            report = evaluate_run(run, trained_checkpoint(run, data_dir, learning_rate), data_dir)
+            staging = target.with_suffix(".tmp")
+            staging.write_text(json.dumps(report, indent=2))
+            staging.replace(target)
+        done = [r.name for r in runs if (RESULTS / "runs" / f"{r.name}.json").exists()]
+        (RESULTS / "progress.json").write_text(json.dumps(
+            {"planned": [r.name for r in runs], "done": done, "remaining": len(runs) - len(done)}, indent=2))
+
+
+def _mean_std(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values)}
+
+
+def aggregate() -> dict:
+    """Mean ± std over seeds of every (backbone, task, variant, method, target) cell, from the run files."""
+    reports = [json.loads(p.read_text()) for p in sorted((RESULTS / "runs").glob("*.json"))]
+    cells: dict[tuple, dict[str, list[float]]] = {}
+    for report in reports:
+        base = (report["backbone"], report["task"], report["variant"])
+        full = cells.setdefault(base + (f"full depth ({report['recipe']})", 1.0), {"metric": [], "speedup": []})
+        full["metric"].append(report["full_depth"])
+        full["speedup"].append(1.0)
+        if report["oracle"]:
+            cell = cells.setdefault(base + ("oracle (DE³ model)" if report["recipe"] == "de3" else
+                                            f"oracle ({report['recipe']})", 0.0), {"metric": [], "speedup": []})
+            cell["metric"].append(report["oracle"]["metric"])
+            cell["speedup"].append(report["oracle"]["speedup"])
+        for label, rows in report["methods"].items():
+            for row in rows:
+                if "metric" in row:
+                    cell = cells.setdefault(base + (label, row["target_speedup"]), {"metric": [], "speedup": []})
+                    cell["metric"].append(row["metric"])
+                    cell["speedup"].append(row["speedup"])
+    summary = [{"backbone": b, "task": t, "variant": v, "method": m, "target_speedup": s,
+                "metric": _mean_std(c["metric"]), "speedup": _mean_std(c["speedup"])}
+               for (b, t, v, m, s), c in sorted(cells.items())]
+    separation = {}
+    for report in reports:
+        if "separation" in report and not report["variant"]:
+            key = f"{report['backbone']}-{report['task']}"
+            for criterion, scores in report["separation"].items():
+                separation.setdefault(key, {}).setdefault(criterion, []).append(scores)
+    auroc = {key: {c: [statistics.fmean(v) if (v := [s[m] for s in runs if s[m] is not None]) else None
+                       for m in range(len(runs[0]))] for c, runs in table.items()}
+             for key, table in separation.items()}
+    return {"cells": summary, "auroc": auroc, "runs": [r["run"] for r in reports]}
+
+
+def _cell(summary: dict, backbone: str, task: str, method: str, target: float, variant: str = "") -> str:
+    for row in summary["cells"]:
+        if (row["backbone"], row["task"], row["method"], row["target_speedup"], row["variant"]) == \
+                (backbone, task, method, target, variant):
+            m, s = row["metric"], row["speedup"]
+            spread = f" ± {100 * m['std']:.1f}" if m["n"] > 1 else ""
+            return f"{100 * m['mean']:.1f}{spread} ({s['mean']:.2f}x)"
+    return "–"
+
+
+def markdown_table(summary: dict) -> str:
+    """The paper-style table: task × method at each calibrated speed-up, with full depth and oracle."""
+    lines = []
+    pairs = sorted({(r["backbone"], r["task"]) for r in summary["cells"] if not r["variant"]})
+    for backbone, task in pairs:
+        lines += [f"\n**{backbone} / {task}** — dev metric ×100, mean ± std over seeds (measured speed-up)\n",
+                  "| method | " + " | ".join(f"{t:g}x" for t in TARGET_SPEEDUPS) + " |",
+                  "|---|" + "---|" * len(TARGET_SPEEDUPS)]
+        methods = [m for recipe in METHODS.values() for m, _, _ in recipe]
+        for method in methods:
+            cells = [_cell(summary, backbone, task, method, t) for t in TARGET_SPEEDUPS]
+            if any(c != "–" for c in cells):
+                lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        for reference in ("full depth (de3)", "full depth (pabee)", "full depth (deebert)", "oracle (DE³ model)"):
+            target = 0.0 if reference.startswith("oracle") else 1.0
+            cell = _cell(summary, backbone, task, reference, target)
+            if cell != "–":
+                lines.append(f"| {reference} | {cell} | | |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_task(summary: dict, backbone: str, task: str, path: Path) -> None:
+    """Calibrated points (mean ± std over seeds) of the headline methods on one task."""
+    figure, axis = plt.subplots(figsize=(6.5, 4.5))
+    for method in HEADLINE:
+        rows = [r for r in summary["cells"] if (r["backbone"], r["task"], r["method"], r["variant"]) ==
+                (backbone, task, method, "")]
+        if rows:
+            axis.errorbar([r["speedup"]["mean"] for r in rows], [r["metric"]["mean"] for r in rows],
+                          yerr=[r["metric"]["std"] for r in rows], marker="o", capsize=3, label=method)
+    full = [r for r in summary["cells"] if (r["backbone"], r["task"], r["method"]) == (backbone, task,
+                                                                                      "full depth (de3)")]
+    if full:
+        axis.axhline(full[0]["metric"]["mean"], color="grey", linestyle="--", label="full depth (DE³ model)")
+    axis.set_xlabel("layer speed-up (calibrated on held-out train slice, measured on dev)")
+    axis.set_ylabel("dev metric")
+    axis.set_title(f"{backbone} / {task}: accuracy at equal speed-up")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def report() -> None:
+    """Aggregate the finished runs into summary.json, table.md and per-task PNGs."""
+    summary = aggregate()
+    (RESULTS / "summary.json").write_text(json.dumps(summary, indent=2))
+    (RESULTS / "table.md").write_text(markdown_table(summary))
+    for backbone, task in sorted({(r["backbone"], r["task"]) for r in summary["cells"]}):
+        plot_task(summary, backbone, task, RESULTS / f"{backbone}-{task}.png")
+    print(markdown_table(summary))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--plan", choices=["main", "mpnet", "ablations"], help="runs to train and evaluate")
+    parser.add_argument("--tasks", nargs="+", help="restrict the plan to these tasks")
+    parser.add_argument("--learning-rate", type=float, default=5e-5, help="peak backbone learning rate")
+    parser.add_argument("--data-dir", help="GLUE folder (default: $GLUE_DIR, else ../shared/data/glue)")
+    parser.add_argument("--report", action="store_true", help="only aggregate finished runs")
+    args = parser.parse_args()
+    if args.plan and not args.report:
+        runs = [r for r in plan(args.plan) if not args.tasks or r.task in args.tasks]
+        execute(runs, args.data_dir, args.learning_rate)
+    report()
+
+
+if __name__ == "__main__":
+    main()
