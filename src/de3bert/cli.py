@@ -123,6 +123,14 @@ def cmd_bench(args) -> None:
     print(f"written to {output}/wallclock.json and wallclock.png")
 
 
+def cmd_serve(args) -> None:
+    from de3bert.serving import ServiceSettings, serve
+
+    settings = ServiceSettings(args.checkpoint, args.max_batch_size, args.max_wait_ms, not args.no_micro_batching,
+                               args.max_inputs, args.max_chars, args.max_body_bytes)
+    serve(settings, args.host, args.port, args.workers)
+
+
 def _add_policy_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("exit policy (default: the one calibrated into the checkpoint)")
     group.add_argument("--criterion", choices=["edr", "entropy", "confidence", "dr", "patience", "pcee",
@@ -214,6 +222,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--data-dir", help=DATA_HELP)
     bench.add_argument("--no-progress", action="store_true", help="no progress bars")
     bench.set_defaults(func=cmd_bench)
+    serve = sub.add_parser("serve", help="HTTP prediction service (FastAPI on uvicorn) with micro-batching",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    serve.add_argument("checkpoint", help="checkpoint folder")
+    serve.add_argument("--host", default="127.0.0.1", help="interface to listen on")
+    serve.add_argument("--port", type=int, default=8000, help="TCP port")
+    serve.add_argument("--workers", type=int, default=1, help="worker processes (each loads the model)")
+    serve.add_argument("--max-batch-size", type=int, default=32, help="most inputs merged into one engine call")
+    serve.add_argument("--max-wait-ms", type=float, default=2.0, help="longest wait for requests to merge with")
+    serve.add_argument("--no-micro-batching", action="store_true", help="run each request on its own")
+    serve.add_argument("--max-inputs", type=int, default=64, help="most inputs per request")
+    serve.add_argument("--max-chars", type=int, default=5000, help="most characters per text")
+    serve.add_argument("--max-body-bytes", type=int, default=1_000_000, help="largest request body")
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -27,13 +27,18 @@ def render_model_card(config) -> str:
         f"- backbone: `{config.backbone_name}` ({config.backbone.get('model_type')}, "
         f"{config.backbone.get('num_hidden_layers')} layers, hidden {config.backbone.get('hidden_size')})",
         f"- task: `{config.task}`, labels: {config.labels or 'regression score'}",
-        f"- exit heads: prototype dim {config.heads.prototype_dim or 'hidden size'}, "
-        f"distance {config.heads.distance}",
+        f"- exit heads: {config.heads.pooling or 'cls'} pooling, prototype dim "
+        f"{config.heads.prototype_dim if config.heads.prototype_dim is not None else 'hidden size'}, "
+        f"distance {config.heads.distance}; max length {config.max_length} tokens",
     ]
     if training:
         lines.append(f"- recipe: `{training.get('recipe')}`, epochs {training.get('epochs')}, "
-                     f"learning rate {training.get('learning_rate')}, seed {training.get('seed')}, "
-                     f"training examples {training.get('train_examples')}")
+                     f"learning rate {training.get('learning_rate')} (heads {training.get('head_learning_rate')}), "
+                     f"seed {training.get('seed')}")
+        lines.append(f"- data: {training.get('train_examples')} training, {training.get('calibration_examples')} "
+                     f"calibration (held out from train), {training.get('dev_examples')} dev examples"
+                     + (f" (train subsampled to {training['max_train_samples']})"
+                        if training.get("max_train_samples") else ""))
     if config.policy:
         lines.append(f"- default exit policy: {PAPER_NAMES.get(config.policy['criterion'], config.policy['criterion'])} "
                      f"τ={config.policy['threshold']:.4g}, patience {config.policy['patience']}")
@@ -45,7 +50,9 @@ def render_model_card(config) -> str:
                   "Thresholds calibrated on a held-out calibration split to a target layer speed-up; "
                   "measured on dev.", "", _table(config.calibration, list(config.calibration[0]))]
     lines += [
-        "", "## Use", "", "```python", "from de3bert import EarlyExitModel, EarlyExitEngine",
+        "The full trade-off curves and plot: `de3bert evaluate path/to/this/folder` (writes evaluation/tradeoff.png).",
+        "", "## Use", "", "```python", "from de3bert.engine import EarlyExitEngine",
+        "from de3bert.modeling import EarlyExitModel", "",
         "model = EarlyExitModel.from_pretrained('path/to/this/folder')",
         "engine = EarlyExitEngine(model)  # uses the calibrated policy above",
         "print(engine.predict(['a sentence to classify']))", "```", "",
