@@ -132,3 +132,35 @@ def test_full_depth_skips_internal_heads():
     assert result.exit_layers.tolist() == [len(model.heads)] * 6
     with torch.no_grad():
         assert result.predictions.tolist() == model(**batch).layers[-1].logits.argmax(-1).tolist()
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+PROPERTY_MODEL = sharpen(tiny_model(pooling="mean"))
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 12), st.integers(3, 14), st.integers(0, 10_000), st.sampled_from(
+    ["edr", "entropy", "confidence", "dr", "patience", "pcee"]), st.floats(0.0, 1.0), st.sampled_from([None, 1, 3]))
+def test_engine_equals_offline_simulation_for_random_batches(batch_size, max_len, seed, criterion, threshold, chunk):
+    batch = padded_batch(batch_size, max_len=max_len, seed=seed)
+    policy = ExitPolicy(criterion, threshold, patience=2 if criterion in ("pcee", "patience") else 1)
+    expected = offline(PROPERTY_MODEL, batch, policy)
+    actual = EarlyExitEngine(PROPERTY_MODEL, policy).run_batch(**batch, chunk_size=chunk)
+    assert actual.exit_layers.tolist() == expected.exit_layers.tolist()
+    assert actual.predictions.tolist() == expected.predictions.tolist()
+
+
+def test_bf16_autocast_keeps_indicators_sane():
+    model = sharpen(tiny_model())
+    batch = padded_batch(16, seed=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        result = EarlyExitEngine(model, ExitPolicy("edr", 0.3)).run_batch(**batch)
+    assert torch.isfinite(result.indicators).all()
+    assert ((result.indicators >= 0) & (result.indicators <= 1)).all()
+    assert ((result.exit_layers >= 1) & (result.exit_layers <= 4)).all()
+    with torch.no_grad():
+        full = model(**batch).layers[-1].logits.argmax(-1)
+    last = result.exit_layers == 4
+    assert (result.predictions[last] == full[last]).float().mean() >= 0.9  # bf16 rounding may flip a near tie

@@ -128,3 +128,78 @@ def test_bad_policy_settings_are_clear_errors(kwargs, message):
 def test_edr_without_distances_is_a_clear_error():
     with pytest.raises(PolicyError, match="needs prototype distances"):
         simulate_exits(ExitPolicy("edr"), [HeadOutput(torch.zeros(1, 2))])
+
+
+# Property-based checks over random (and extreme) logits and distances.
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+LOGIT = st.floats(min_value=-1e4, max_value=1e4, allow_nan=False)
+DISTANCE = st.floats(min_value=0.0, max_value=1e6, allow_nan=False)
+
+
+@st.composite
+def layer_outputs(draw, max_layers=6, max_rows=8, max_classes=5):
+    """Random head outputs for M layers, N rows, C classes: logits anywhere in ±1e4, distances ≥ 0."""
+    layers, rows, classes = draw(st.integers(1, max_layers)), draw(st.integers(1, max_rows)), draw(st.integers(2, max_classes))
+    def tensor(elements):
+        return torch.tensor(draw(st.lists(elements, min_size=rows * classes, max_size=rows * classes))).view(rows, classes)
+    return [HeadOutput(tensor(LOGIT), tensor(DISTANCE)) for _ in range(layers)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(layer_outputs(max_layers=1), st.sampled_from([0.25, 0.5, 1.0, 2.0, 8.0]))
+def test_every_indicator_stays_in_unit_interval(outputs, lam):
+    logits, distances = outputs[0].logits, outputs[0].distances
+    probs = logits.softmax(-1)
+    entropy, ratio = normalized_entropy(probs), distance_ratio(probs, distances)
+    for value in (entropy, max_probability(probs), ratio, hybrid_indicator(entropy, ratio, lam)):
+        assert torch.isfinite(value).all()
+        assert (value >= 0).all() and (value <= 1).all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(layer_outputs(), st.sampled_from(["edr", "entropy", "confidence", "dr", "pcee", "patience"]),
+       st.floats(0.0, 1.0), st.integers(1, 3))
+def test_exit_layers_stay_within_the_model(outputs, criterion, threshold, patience):
+    exits = simulate_exits(ExitPolicy(criterion, threshold, patience), outputs)
+    assert ((exits.exit_layers >= 1) & (exits.exit_layers <= len(outputs))).all()
+    assert torch.isfinite(exits.indicators).all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(layer_outputs(), st.sampled_from(["edr", "entropy", "dr", "pcee"]), st.floats(0.0, 1.0), st.floats(0.0, 1.0))
+def test_lowering_tau_never_lowers_the_mean_exit_layer(outputs, criterion, tau_a, tau_b):
+    """For "exit when indicator < τ" criteria a smaller τ exits no earlier, row by row."""
+    low, high = sorted((tau_a, tau_b))
+    strict = simulate_exits(ExitPolicy(criterion, low, 2 if criterion == "pcee" else 1), outputs)
+    loose = simulate_exits(ExitPolicy(criterion, high, 2 if criterion == "pcee" else 1), outputs)
+    assert (strict.exit_layers >= loose.exit_layers).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(layer_outputs(), st.floats(0.0, 1.0), st.floats(0.0, 1.0))
+def test_raising_the_confidence_bar_never_lowers_the_mean_exit_layer(outputs, tau_a, tau_b):
+    """max-probability exits when the indicator is above τ: a higher τ exits no earlier."""
+    low, high = sorted((tau_a, tau_b))
+    strict = simulate_exits(ExitPolicy("confidence", high), outputs)
+    loose = simulate_exits(ExitPolicy("confidence", low), outputs)
+    assert (strict.exit_layers >= loose.exit_layers).all()
+
+
+@settings(max_examples=30, deadline=None)
+@given(layer_outputs(), st.integers(1, 4), st.integers(1, 4))
+def test_more_patience_never_exits_earlier(outputs, t_a, t_b):
+    low, high = sorted((t_a, t_b))
+    assert (simulate_exits(ExitPolicy("patience", patience=high), outputs).exit_layers
+            >= simulate_exits(ExitPolicy("patience", patience=low), outputs).exit_layers).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_indicators_survive_half_precision_logits(dtype):
+    torch.manual_seed(0)
+    logits = (torch.randn(64, 3) * torch.tensor([1.0, 30.0, 300.0])).to(dtype)
+    distances = (torch.rand(64, 3) * 1e4).to(dtype)
+    step = ExitPolicy("edr", 0.5).step(HeadOutput(logits, distances), ExitPolicy("edr").initial_state(64), False)
+    assert step.indicator.dtype == torch.float32
+    assert torch.isfinite(step.indicator).all() and (step.indicator >= 0).all() and (step.indicator <= 1).all()

@@ -1,4 +1,4 @@
-"""`de3bert` command line: train | evaluate | predict | bench. Thin: it parses and calls the library."""
+"""`de3bert` command line: train | evaluate | predict | bench | serve. Thin: it parses and calls the library."""
 
 from __future__ import annotations
 
@@ -124,10 +124,12 @@ def cmd_bench(args) -> None:
 
 
 def cmd_serve(args) -> None:
+    """Serve a checkpoint over HTTP until interrupted."""
     from de3bert.serving import ServiceSettings, serve
 
-    settings = ServiceSettings(args.checkpoint, args.max_batch_size, args.max_wait_ms, not args.no_micro_batching,
-                               args.max_inputs, args.max_chars, args.max_body_bytes)
+    settings = ServiceSettings(args.checkpoint, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+                               micro_batching=not args.no_micro_batching, max_inputs=args.max_inputs,
+                               max_chars=args.max_chars, max_body_bytes=args.max_body_bytes)
     serve(settings, args.host, args.port, args.workers)
 
 
