@@ -1,4 +1,6 @@
 import json
+import shutil
+import re
 
 import pytest
 
@@ -13,6 +15,16 @@ def test_evaluate_prints_tables_and_writes_files(tiny_checkpoint, glue_dir, caps
     assert set(report["sweeps"]) == {"edr", "entropy", "confidence", "dr", "patience", "pcee"}
     assert (tmp_path / "tradeoff.png").stat().st_size > 10_000
     assert (tmp_path / "sweeps.csv").read_text().startswith("policy,")
+
+
+def test_evaluate_into_the_checkpoint_shows_the_plot_in_its_model_card(tiny_checkpoint, glue_dir, tmp_path):
+    checkpoint = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, checkpoint)
+    assert "evaluation/tradeoff.png" not in (checkpoint / "README.md").read_text()
+    assert main(["evaluate", str(checkpoint), "--data-dir", str(glue_dir), "--no-progress"]) == 0
+    card = (checkpoint / "README.md").read_text()
+    assert "![accuracy/speed trade-off](evaluation/tradeoff.png)" in card and "de3bert serve" in card
+    assert "## Calibrated trade-off" in card and "## Metric of every exit (dev)" in card
 
 
 def test_predict_text(tiny_checkpoint, capsys):
@@ -37,6 +49,8 @@ def test_predict_file_writes_predictions_in_order(tiny_checkpoint, tmp_path):
     (["train", "--task", "nosuchtask", "--output", "x"], "unknown task"),
     (["evaluate", "/nonexistent/checkpoint"], "does not exist"),
     (["predict", "/nonexistent/checkpoint", "--text", "hi"], "does not exist"),
+    (["serve", "/nonexistent/checkpoint"], "does not exist"),
+    (["serve", "/nonexistent/checkpoint", "--max-batch-size", "0"], "max_batch_size must be at least 1"),
 ])
 def test_errors_are_one_line_not_tracebacks(argv, message, capsys):
     assert main(argv) == 2
@@ -58,3 +72,13 @@ def test_every_option_has_help():
         for option in action._actions:
             if option.dest != "help":
                 assert option.help, f"{action.prog} {option.dest} has no help"
+
+
+def test_training_counts_truncated_inputs(tiny_backbone_dir, glue_dir, tmp_path, capsys):
+    code = main(["train", "--task", "sst2", "--model", str(tiny_backbone_dir), "--output", str(tmp_path / "ckpt"),
+                 "--epochs", "1", "--max-length", "6", "--max-train-samples", "40", "--data-dir", str(glue_dir),
+                 "--no-progress"])
+    assert code == 0
+    out = capsys.readouterr().out
+    # "the film was <2..6 words>" is 5..9 tokens with [CLS]/[SEP]: most, not all, are cut to 6
+    assert re.search(r"note: \d+ of 36 train inputs were longer than 6 tokens and were truncated", out)

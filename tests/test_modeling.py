@@ -94,3 +94,11 @@ def test_from_backbone_copies_pretrained_pooler():
 
     pretrained = load_file(f"{resolve_backbone('minilm-l6')}/model.safetensors")["pooler.dense.weight"]
     assert all(torch.equal(head.pooler.weight, pretrained) for head in model.heads)
+
+
+def test_checkpoint_without_tokenizer_files_is_a_clear_error(tmp_path, tokenizer):
+    path = tiny_model(tokenizer=tokenizer).save_pretrained(tmp_path / "ckpt")
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        (path / name).unlink(missing_ok=True)
+    with pytest.raises(CheckpointError, match="has no usable tokenizer files"):
+        EarlyExitModel.from_pretrained(path)

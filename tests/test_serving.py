@@ -1,149 +1,274 @@
-"""The prediction service: answers equal the engine's, micro-batching, limits, and a real uvicorn process."""
+"""The prediction service: answers equal the engine's, per-request policies, limits, micro-batching,
+and one real uvicorn process."""
 
 import json
-import os
+import logging
 import socket
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
 
 from de3bert.engine import EarlyExitEngine
+from de3bert.errors import De3bertError
 from de3bert.modeling import EarlyExitModel
 from de3bert.policies import ExitPolicy
-from de3bert.serving import ServiceSettings, create_app
+from de3bert.serving import ServiceSettings, create_app, policy_for_speedup
+from tests.conftest import tiny_model
 
-TEXTS = ["the film was good great", "the film was awful dull", "the film was fine", "the film was poor ugly bad"]
+TEXTS = ["the film was good great", "the film was awful dull", "fine", "the film was poor ugly bad and long"]
+PAIRS = ["a man sleeps", "nobody sleeps", "it rains", "the sun is out"]
+CALIBRATION = [
+    {"target_speedup": 1.5, "policy": "edr", "threshold": 0.3, "patience": 1, "lam": 1.0, "speedup": 1.6},
+    {"target_speedup": 2.0, "policy": "edr", "threshold": 0.5, "patience": 1, "lam": 1.0, "speedup": 2.1},
+    {"target_speedup": 3.0, "policy": "edr", "threshold": 0.9, "patience": 1, "lam": 1.0, "speedup": 3.2},
+    {"target_speedup": 1.5, "policy": "patience", "threshold": 0.5, "patience": 3, "lam": 1.0, "speedup": 1.5},
+    {"target_speedup": 2.0, "policy": "patience", "threshold": 0.5, "patience": 2, "lam": 1.0, "speedup": 2.0},
+    {"policy": "patience", "target_speedup": 3.0, "error": "cannot reach"},
+]
 
 
 @pytest.fixture(scope="module")
-def settings(tiny_checkpoint):
-    return ServiceSettings(str(tiny_checkpoint), max_batch_size=16, max_wait_ms=50, max_inputs=8, max_chars=200,
-                           max_body_bytes=4000)
+def checkpoint(tmp_path_factory, tokenizer):
+    """A tiny random 4-layer DE³ checkpoint with a default policy and a calibrated table."""
+    model = tiny_model(tokenizer=tokenizer)
+    model.config.policy = ExitPolicy("edr", threshold=0.5).to_dict()
+    model.config.calibration = CALIBRATION
+    return model.save_pretrained(tmp_path_factory.mktemp("serve") / "ckpt")
 
 
 @pytest.fixture(scope="module")
-def client(settings):
+def engine(checkpoint):
+    return EarlyExitEngine(EarlyExitModel.from_pretrained(checkpoint))
+
+
+@pytest.fixture(scope="module")
+def client(checkpoint):
+    settings = ServiceSettings(str(checkpoint), max_batch_size=16, max_wait_ms=30, max_inputs=8, max_chars=200,
+                               max_body_bytes=4000)
     with TestClient(create_app(settings)) as test_client:
         yield test_client
 
 
-def predict(client, inputs, **extra):
+def predict(client, texts, pairs=None, **extra):
+    inputs = [{"text": t} if pairs is None else {"text": t, "text_pair": p} for t, p in zip(texts, pairs or texts)]
     return client.post("/v1/predict", json={"inputs": inputs, **extra})
 
 
-def test_answers_equal_the_engine(client, tiny_checkpoint):
-    response = predict(client, [{"text": t} for t in TEXTS])
+def assert_equal_answers(answers, expected):
+    assert len(answers) == len(expected)
+    for answer, prediction in zip(answers, expected):
+        assert answer["label"] == prediction.label and answer["score"] is None
+        assert answer["exit_layer"] == prediction.exit_layer
+        assert answer["indicator"] == pytest.approx(prediction.indicator, abs=1e-5)
+        assert answer["probabilities"] == pytest.approx(prediction.probabilities, abs=1e-5)
+
+
+@pytest.mark.parametrize("texts", [TEXTS[:1], TEXTS])
+def test_answers_equal_the_engine(client, engine, texts, caplog):
+    with caplog.at_level(logging.INFO, logger="de3bert.serving"):
+        response = predict(client, texts)
     assert response.status_code == 200, response.text
     body = response.json()
-    model = EarlyExitModel.from_pretrained(tiny_checkpoint)
-    expected = EarlyExitEngine(model).predict(TEXTS)
-    assert [p["label"] for p in body["predictions"]] == [e.label for e in expected]
-    assert [p["exit_layer"] for p in body["predictions"]] == [e.exit_layer for e in expected]
+    assert_equal_answers(body["predictions"], engine.predict(texts))
     for answer in body["predictions"]:
         assert sum(answer["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
-        assert 1 <= answer["exit_layer"] <= 4 and 0.0 <= answer["indicator"] <= 1.0
-    assert body["model_version"].startswith("de3bert-") and body["policy"] == model.config.policy
+        assert set(answer["probabilities"]) == {"neg", "pos"} and 1 <= answer["exit_layer"] <= 4
+    assert body["policy"] == engine.policy.to_dict()
+    assert body["model_version"].startswith("de3bert-0.1.0+") and len(body["model_version"].split("+")[1]) == 12
+    assert f"predict inputs={len(texts)} batch=" in caplog.text and "exit_layers=" in caplog.text
 
 
-def test_per_request_policy_and_target_speedup(client, tiny_checkpoint):
-    full = predict(client, [{"text": t} for t in TEXTS], policy={"criterion": "full-depth"}).json()
-    assert [p["exit_layer"] for p in full["predictions"]] == [4] * 4
-    eager = predict(client, [{"text": t} for t in TEXTS], policy={"criterion": "confidence", "threshold": 0.0}).json()
-    assert [p["exit_layer"] for p in eager["predictions"]] == [1] * 4
-    calibrated = [r for r in EarlyExitModel.from_pretrained(tiny_checkpoint).config.calibration
-                  if r["policy"] == "edr" and "threshold" in r]
-    target = calibrated[0]["target_speedup"]
-    response = predict(client, [{"text": TEXTS[0]}], policy={"criterion": "edr", "target_speedup": target})
+def test_text_pairs_equal_the_engine(client, engine):
+    response = predict(client, TEXTS, PAIRS)
     assert response.status_code == 200, response.text
-    assert response.json()["policy"]["threshold"] == pytest.approx(calibrated[0]["threshold"])
+    assert_equal_answers(response.json()["predictions"], engine.predict(TEXTS, PAIRS))
 
 
-@pytest.mark.parametrize("body,status,message", [
-    ({"inputs": []}, 422, "inputs: List should have at least 1 item"),
-    ({"inputs": [{"text": "x"}] * 9}, 422, "9 inputs in one request; the limit is 8"),
-    ({"inputs": [{"text": "   "}]}, 422, "inputs[0].text is empty"),
-    ({"inputs": [{"text": "y" * 201}]}, 422, "inputs[0].text has 201 characters; the limit is 200"),
-    ({"inputs": [{"text": 5}]}, 422, "inputs.0.text: Input should be a valid string"),
-    ({"inputs": [{"txt": "a"}]}, 422, "inputs.0.text: Field required"),
-    ({"texts": ["a"]}, 422, "inputs: Field required"),
-    ({"inputs": [{"text": "a"}, {"text": "b", "text_pair": "c"}]}, 422, "mix single texts and text pairs"),
-    ({"inputs": [{"text": "a"}], "policy": {"criterion": "magic"}}, 422, "unknown criterion 'magic'"),
-    ({"inputs": [{"text": "a"}], "policy": {"criterion": "edr", "threshold": 1.5}}, 422, "must lie in [0, 1]"),
-    ({"inputs": [{"text": "a"}], "policy": {"criterion": "edr", "target_speedup": 9}}, 422,
-     "target_speedup 9 is outside the calibrated range"),
+def test_per_request_policy(client, engine):
+    full = predict(client, TEXTS, policy={"criterion": "full-depth"}).json()["predictions"]
+    assert [p["exit_layer"] for p in full] == [4] * 4
+    eager = predict(client, TEXTS, policy={"criterion": "confidence", "threshold": 0.0}).json()["predictions"]
+    assert [p["exit_layer"] for p in eager] == [1] * 4
+    body = predict(client, TEXTS, policy={"criterion": "entropy", "threshold": 0.999, "patience": 2}).json()
+    assert body["policy"] == {"criterion": "entropy", "threshold": 0.999, "patience": 2, "lam": 1.0}
+    assert_equal_answers(body["predictions"], engine.predict(TEXTS, policy=ExitPolicy("entropy", 0.999, 2)))
+    # fields left out come from the default policy when the criterion is the default's
+    assert predict(client, TEXTS[:1], policy={"lam": 2.0}).json()["policy"] == {
+        "criterion": "edr", "threshold": 0.5, "patience": 1, "lam": 2.0}
+
+
+@pytest.mark.parametrize("policy,expected", [
+    ({"target_speedup": 2.0}, {"criterion": "edr", "threshold": 0.5, "patience": 1}),
+    ({"target_speedup": 1.75}, {"criterion": "edr", "threshold": 0.4, "patience": 1}),
+    ({"criterion": "edr", "target_speedup": 2.5}, {"criterion": "edr", "threshold": 0.7, "patience": 1}),
+    # patience counts are not interpolated: the calibrated point reaching the target is taken
+    ({"criterion": "patience", "target_speedup": 1.75}, {"criterion": "patience", "threshold": 0.5, "patience": 2}),
 ])
-def test_bad_requests_get_clear_errors(client, body, status, message):
+def test_target_speedup_within_the_calibrated_range(client, policy, expected):
+    response = predict(client, TEXTS[:2], policy=policy)
+    assert response.status_code == 200, response.text
+    applied = response.json()["policy"]
+    assert {k: applied[k] for k in expected} == pytest.approx(expected)
+
+
+def test_policy_for_speedup_ends_of_the_range():
+    assert policy_for_speedup(CALIBRATION, "edr", 1.5).threshold == 0.3
+    assert policy_for_speedup(CALIBRATION, "edr", 3.0).threshold == 0.9
+    with pytest.raises(De3bertError, match="no calibrated thresholds for criterion 'dr'"):
+        policy_for_speedup(CALIBRATION, "dr", 2.0)
+
+
+@pytest.mark.parametrize("body,message", [
+    ({"inputs": []}, "invalid request: inputs: List should have at least 1 item"),
+    ({"inputs": [{"text": "x"}] * 9}, "9 inputs in one request; the limit is 8"),
+    ({"inputs": [{"text": "   "}]}, "inputs[0].text is empty"),
+    ({"inputs": [{"text": "a", "text_pair": ""}]}, "inputs[0].text_pair is empty"),
+    ({"inputs": [{"text": "y" * 201}]}, "inputs[0].text has 201 characters; the limit is 200"),
+    ({"inputs": [{"text": 5}]}, "invalid request: inputs.0.text: Input should be a valid string"),
+    ({"inputs": "hello"}, "invalid request: inputs: Input should be a valid list"),
+    ({"inputs": [{"txt": "a"}]}, "invalid request: inputs.0.text: Field required"),
+    ({"texts": ["a"]}, "invalid request: inputs: Field required"),
+    ([1, 2], "invalid request: body: Input should be a valid dictionary"),
+    ({"inputs": [{"text": "a"}, {"text": "b", "text_pair": "c"}]}, "inputs mix single texts and text pairs"),
+    ({"inputs": [{"text": "a"}], "policy": {"criterion": "magic"}}, "unknown criterion 'magic'; choose one of edr"),
+    ({"inputs": [{"text": "a"}], "policy": {"criterion": "regression-patience"}},
+     "criterion 'regression-patience' does not apply to this model"),
+    ({"inputs": [{"text": "a"}], "policy": {"criterion": "edr", "threshold": 1.5}},
+     "threshold of 'edr' must lie in [0, 1], got 1.5"),
+    ({"inputs": [{"text": "a"}], "policy": {"threshold": -0.1}}, "must lie in [0, 1], got -0.1"),
+    ({"inputs": [{"text": "a"}], "policy": {"patience": 0}}, "patience must be at least 1, got 0"),
+    ({"inputs": [{"text": "a"}], "policy": {"target_speedup": 9}},
+     "target_speedup 9 is outside the range calibrated for criterion 'edr': 1.5x to 3x"),
+    ({"inputs": [{"text": "a"}], "policy": {"criterion": "patience", "target_speedup": 2.5}},
+     "outside the range calibrated for criterion 'patience': 1.5x to 2x"),
+    ({"inputs": [{"text": "a"}], "policy": {"target_speedup": 2, "threshold": 0.3}},
+     "give either target_speedup or threshold/patience"),
+    ({"inputs": [{"text": "a"}], "policy": {"speedup": 2}}, "invalid request: policy.speedup: Extra inputs"),
+])
+def test_bad_requests_get_clear_errors(client, body, message):
     response = client.post("/v1/predict", json=body)
-    assert response.status_code == status
+    assert response.status_code == 422
     assert message in response.json()["error"]
 
 
 def test_malformed_and_oversize_bodies(client):
-    response = client.post("/v1/predict", content=b'{"inputs": [{"text": "\xff\xfe"}]}',
-                           headers={"content-type": "application/json"})
-    assert response.status_code == 400 and "not valid UTF-8" in response.json()["error"]
-    response = client.post("/v1/predict", content=b'{"inputs": [', headers={"content-type": "application/json"})
-    assert response.status_code == 422 and "JSON" in response.json()["error"]
-    response = client.post("/v1/predict", content=json.dumps({"inputs": [{"text": "z" * 5000}]}),
-                           headers={"content-type": "application/json"})
-    assert response.status_code == 413 and "the limit is 4000" in response.json()["error"]
-    assert client.get("/healthz").json()["status"] == "ok"  # still alive
+    json_header = {"content-type": "application/json"}
+    response = client.post("/v1/predict", content=b'{"inputs": [{"text": "\xff\xfe"}]}', headers=json_header)
+    assert response.status_code == 400
+    assert response.json()["error"].startswith("request body is not valid UTF-8 (byte 22)")
+    response = client.post("/v1/predict", content=b'{"inputs": [', headers=json_header)
+    assert response.status_code == 422
+    assert response.json()["error"] == "invalid request: body is not valid JSON (Expecting value at character 12)"
+    response = client.post("/v1/predict", content=b"", headers=json_header)
+    assert response.json()["error"] == 'invalid request: the body is empty; send {"inputs": [{"text": "..."}]}'
+    response = client.post("/v1/predict", content=b'{"inputs": [{"text": "a"}]}', headers={"content-type": "text/plain"})
+    assert response.status_code == 415 and "content-type: application/json" in response.json()["error"]
+    oversize = json.dumps({"inputs": [{"text": "z" * 5000}]}).encode()
+    response = client.post("/v1/predict", content=oversize, headers=json_header)
+    assert response.status_code == 413 and response.json()["error"] == f"request body of {len(oversize)} bytes; the limit is 4000"
+    # no Content-Length (chunked upload): the bytes actually received are counted
+    response = client.post("/v1/predict", content=iter([oversize[:3000], oversize[3000:]]), headers=json_header)
+    assert response.status_code == 413 and response.json()["error"] == "request body exceeds 4000 bytes, the limit"
+    assert client.get("/v1/nothing").json() == {"error": "Not Found"}
+    assert client.get("/v1/predict").status_code == 405
+    assert client.get("/healthz").json()["status"] == "ok"  # still serving
 
 
-def test_concurrent_requests_are_merged_and_answered_in_order(client):
-    expected = {t: predict(client, [{"text": t}]).json()["predictions"][0] for t in TEXTS}
+def test_concurrent_requests_are_merged_by_policy_and_answered_in_order(client, engine):
+    policies = [{"criterion": "full-depth"}, {"criterion": "confidence", "threshold": 0.0}, None]
     batcher = client.app.state.batcher
     batcher.batch_sizes.clear()
     answers = {}
 
     def ask(index):
         texts = [TEXTS[(index + k) % 4] for k in range(3)]
-        answers[index] = (texts, predict(client, [{"text": t} for t in texts]).json()["predictions"])
+        policy = policies[index % 3]
+        answers[index] = predict(client, texts, **({"policy": policy} if policy else {})).json()["predictions"]
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(12)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+    # a request merged with requests of other policies still gets its own policy's answers
+    by_policy = [dict(zip(TEXTS, engine.predict(TEXTS, policy=p)))
+                 for p in (ExitPolicy("full-depth"), ExitPolicy("confidence", 0.0), None)]
+    for index, predictions in answers.items():
+        assert_equal_answers(predictions, [by_policy[index % 3][TEXTS[(index + k) % 4]] for k in range(3)])
     assert len(answers) == 12
-    for texts, predictions in answers.values():
-        assert [p["label"] for p in predictions] == [expected[t]["label"] for t in texts]
-        assert [p["exit_layer"] for p in predictions] == [expected[t]["exit_layer"] for t in texts]
-    assert max(batcher.batch_sizes) > 3  # several requests shared an engine call
-    assert max(batcher.batch_sizes) <= 16 + 2  # bounded: one request may tip a batch over the limit
+    assert max(batcher.batch_sizes) > 3  # several requests shared a micro-batch
+    assert max(batcher.batch_sizes) <= 16  # and it stayed within max_batch_size
 
 
-def test_model_description(client, tiny_checkpoint):
+def test_without_micro_batching_requests_run_alone(checkpoint):
+    settings = ServiceSettings(str(checkpoint), max_wait_ms=30, micro_batching=False)
+    with TestClient(create_app(settings)) as client:
+        threads = [threading.Thread(target=predict, args=(client, TEXTS[:2])) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert list(client.app.state.batcher.batch_sizes) == [2] * 6
+
+
+def test_health_and_model_description(client):
+    health = client.get("/healthz").json()
+    assert health["status"] == "ok" and health["model_version"].startswith("de3bert-")
     body = client.get("/v1/model").json()
-    assert body["labels"] == ["0", "1"] and body["num_layers"] == 4 and body["task"] == "sst2"
-    assert body["calibration"] and body["policy"]["criterion"] == "edr"
-    assert client.get("/openapi.json").json()["paths"]["/v1/predict"]
+    assert body["labels"] == ["neg", "pos"] and body["num_layers"] == 4 and body["task"] == "tiny"
+    assert body["backbone"] == "tiny-bert" and body["calibration"] == CALIBRATION
+    assert body["policy"] == {"criterion": "edr", "threshold": 0.5, "patience": 1, "lam": 1.0}
+    assert body["criteria"] == ["edr", "entropy", "confidence", "dr", "patience", "pcee", "full-depth"]
+    assert body["limits"] == {"max_inputs": 8, "max_chars": 200, "max_body_bytes": 4000}
+    assert body["micro_batching"] == {"enabled": True, "max_batch_size": 16, "max_wait_ms": 30}
+    assert set(client.get("/openapi.json").json()["paths"]) == {"/healthz", "/v1/model", "/v1/predict"}
 
 
-def test_real_uvicorn_process(tiny_checkpoint):
+def test_regression_model_answers_with_scores(tmp_path, tokenizer):
+    model = tiny_model(labels=(), tokenizer=tokenizer)
+    model.config.policy = ExitPolicy("regression-patience", threshold=0.1, patience=2).to_dict()
+    folder = model.save_pretrained(tmp_path / "stsb")
+    with TestClient(create_app(ServiceSettings(str(folder)))) as client:
+        answers = predict(client, TEXTS, PAIRS).json()["predictions"]
+        expected = EarlyExitEngine(EarlyExitModel.from_pretrained(folder)).predict(TEXTS, PAIRS)
+        assert [a["score"] for a in answers] == pytest.approx([e.label for e in expected], abs=1e-5)
+        assert all(a["label"] is None and a["probabilities"] is None for a in answers)
+        response = predict(client, TEXTS, PAIRS, policy={"criterion": "edr"})
+        assert response.status_code == 422
+        assert response.json()["error"] == ("criterion 'edr' does not apply to this model; "
+                                            "choose one of regression-patience, full-depth")
+
+
+def test_settings_refuse_unusable_limits(checkpoint):
+    with pytest.raises(De3bertError, match="max_batch_size must be at least 1, got 0"):
+        ServiceSettings(str(checkpoint), max_batch_size=0)
+
+
+def test_de3bert_serve_runs_under_uvicorn(checkpoint):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    process = subprocess.Popen([sys.executable, "-m", "de3bert.cli", "serve", str(tiny_checkpoint), "--port", str(port)],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=os.environ.copy())
+    command = [str(Path(sys.executable).with_name("de3bert")), "serve", str(checkpoint), "--port", str(port)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"
-        for _ in range(120):
+        deadline = time.monotonic() + 60
+        while True:
             try:
                 if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
                     break
             except httpx.TransportError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("the service did not come up")
+                assert process.poll() is None and time.monotonic() < deadline, "the service did not come up"
+                time.sleep(0.2)
         response = httpx.post(f"{url}/v1/predict", json={"inputs": [{"text": TEXTS[0]}]}, timeout=30)
-        assert response.status_code == 200 and response.json()["predictions"][0]["label"] in ("0", "1")
+        assert response.status_code == 200 and response.json()["predictions"][0]["label"] in ("neg", "pos")
     finally:
         process.terminate()
         output = process.communicate(timeout=30)[0].decode()
-    assert "predict inputs=1" in output  # one log line per request
+    assert "predict inputs=1 batch=1" in output  # the request's log line

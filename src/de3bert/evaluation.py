@@ -20,6 +20,7 @@ from de3bert.data import (Collator, EncodedExample, Example, TaskSpec, compute_m
                           main_metric, split_off, subsample)
 from de3bert.errors import CheckpointError, PolicyError
 from de3bert.heads import HeadOutput
+from de3bert.model_card import write_model_card
 from de3bert.modeling import EarlyExitModel
 from de3bert.plots import plot_tradeoff
 from de3bert.policies import CRITERIA, ExitPolicy, simulate_exits, speedup_ratio
@@ -135,11 +136,14 @@ def sweep(criterion: str, outputs: LayerOutputs, task: TaskSpec, **grid) -> list
     return sorted(rows, key=lambda r: (r["speedup"], -r["metric"]))
 
 
-def calibrate(criterion: str, outputs: LayerOutputs, task: TaskSpec, target_speedup: float, **grid) -> ExitPolicy:
-    """The most conservative policy of a criterion whose layer speed-up reaches the target."""
-    candidates = candidate_policies(criterion, outputs, points=200, **grid)
-    scored = [(speedup_ratio(simulate_exits(p, outputs.heads()).exit_layers, outputs.num_layers), p)
-              for p in candidates]
+def _scored_candidates(criterion: str, outputs: LayerOutputs, **grid) -> list[tuple[float, ExitPolicy]]:
+    """(layer speed-up, policy) of a fine grid of the criterion's policies on these outputs."""
+    heads = outputs.heads()
+    return [(speedup_ratio(simulate_exits(p, heads).exit_layers, outputs.num_layers), p)
+            for p in candidate_policies(criterion, outputs, points=200, **grid)]
+
+
+def _most_conservative(scored: list[tuple[float, ExitPolicy]], criterion: str, target_speedup: float) -> ExitPolicy:
     reaching = [(s, p) for s, p in scored if s >= target_speedup - 1e-9]
     if not reaching:
         low, high = min(s for s, _ in scored), max(s for s, _ in scored)
@@ -150,14 +154,20 @@ def calibrate(criterion: str, outputs: LayerOutputs, task: TaskSpec, target_spee
     return min(reaching, key=lambda sp: sp[0])[1]
 
 
+def calibrate(criterion: str, outputs: LayerOutputs, task: TaskSpec, target_speedup: float, **grid) -> ExitPolicy:
+    """The most conservative policy of a criterion whose layer speed-up reaches the target."""
+    return _most_conservative(_scored_candidates(criterion, outputs, **grid), criterion, target_speedup)
+
+
 def calibrated_table(criteria: tuple[str, ...], calibration: LayerOutputs, evaluation: LayerOutputs, task: TaskSpec,
                      targets: tuple[float, ...] = TARGET_SPEEDUPS, **grid) -> list[dict]:
     """For each criterion and target speed-up: τ calibrated on one split, measured on another."""
     rows = []
     for criterion in criteria:
+        scored = _scored_candidates(criterion, calibration, **grid)
         for target in targets:
             try:
-                policy = calibrate(criterion, calibration, task, target, **grid)
+                policy = _most_conservative(scored, criterion, target)
             except PolicyError as exc:
                 rows.append({"policy": criterion, "target_speedup": target, "error": str(exc)})
                 continue
@@ -237,6 +247,8 @@ def evaluate_checkpoint(checkpoint: str | Path, task_name: str | None = None, da
     }
     if output_dir is not None:
         write_report(report, Path(output_dir))
+        if Path(output_dir).resolve().is_relative_to(Path(checkpoint).resolve()):
+            write_model_card(model.config, Path(checkpoint))  # the card now shows the plot
     return report
 
 

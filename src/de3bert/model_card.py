@@ -18,8 +18,9 @@ def _cell(value) -> str:
     return "" if value is None else str(value)
 
 
-def render_model_card(config) -> str:
-    """Markdown model card for an EarlyExitConfig: backbone, task, data, per-layer metrics, trade-off."""
+def render_model_card(config, plot: str | None = None) -> str:
+    """Markdown model card for an EarlyExitConfig: backbone, task, data, per-layer metrics, trade-off
+    (with the trade-off plot at the relative path `plot`, if given), and how to load and serve it."""
     training = config.training or {}
     lines = [
         f"# de3bert early-exit model: {config.task}",
@@ -45,12 +46,19 @@ def render_model_card(config) -> str:
     layer_metrics = training.get("layer_metrics")
     if layer_metrics:
         lines += ["", "## Metric of every exit (dev)", "", _table(layer_metrics, list(layer_metrics[0]))]
-    if config.calibration:
+    calibrated = [row for row in config.calibration if "error" not in row]
+    if calibrated:
         lines += ["", "## Calibrated trade-off", "",
                   "Thresholds calibrated on a held-out calibration split to a target layer speed-up; "
-                  "measured on dev.", "", _table(config.calibration, list(config.calibration[0]))]
+                  "measured on dev.", "", _table(calibrated, list(calibrated[0]))]
+        lines += [f"- {row['policy']} at {row['target_speedup']:g}x: {row['error']}"
+                  for row in config.calibration if "error" in row]
+    if plot:
+        lines += ["", f"![accuracy/speed trade-off]({plot})"]
+    else:
+        lines += ["", "The full trade-off curves and plot: `de3bert evaluate path/to/this/folder` "
+                      "(writes evaluation/tradeoff.png, which this card then shows)."]
     lines += [
-        "The full trade-off curves and plot: `de3bert evaluate path/to/this/folder` (writes evaluation/tradeoff.png).",
         "", "## Use", "", "```python", "from de3bert.engine import EarlyExitEngine",
         "from de3bert.modeling import EarlyExitModel", "",
         "model = EarlyExitModel.from_pretrained('path/to/this/folder')",
@@ -62,5 +70,8 @@ def render_model_card(config) -> str:
 
 
 def write_model_card(config, directory: Path) -> None:
-    """Write README.md for a checkpoint directory."""
-    (Path(directory) / "README.md").write_text(render_model_card(config))
+    """Write README.md for a checkpoint directory, showing a trade-off plot found in one of its subfolders."""
+    directory = Path(directory)
+    plots = sorted(directory.glob("*/tradeoff.png"))
+    plot = plots[0].relative_to(directory).as_posix() if plots else None
+    (directory / "README.md").write_text(render_model_card(config, plot))

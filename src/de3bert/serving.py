@@ -142,7 +142,7 @@ class ModelInfo(BaseModel):
     policy: PolicyInfo = Field(description="the default policy (calibrated at training time)")
     calibration: list[dict] = Field(description="calibrated trade-off table: criterion, target and measured speed-up")
     limits: dict[str, int]
-    micro_batching: dict[str, float | bool]
+    micro_batching: dict[str, bool | int | float]
 
 
 class Health(BaseModel):
@@ -371,6 +371,8 @@ def _describe(error: dict) -> str:
     """One pydantic/FastAPI validation error as `where: what`."""
     if error["type"] == "json_invalid":
         return f"body is not valid JSON ({error.get('ctx', {}).get('error', error['msg'])} at character {error['loc'][-1]})"
+    if error["type"] == "missing" and tuple(error["loc"]) == ("body",):
+        return 'the body is empty; send {"inputs": [{"text": "..."}]}'
     where = ".".join(str(part) for part in error["loc"] if part != "body") or "body"
     return f"{where}: {error['msg']}"
 
@@ -419,6 +421,8 @@ def create_app(settings: ServiceSettings) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        if "json" not in request.headers.get("content-type", ""):
+            return _error(415, "send the body as JSON, with the header content-type: application/json")
         return _error(422, "invalid request: " + "; ".join(_describe(e) for e in exc.errors()))
 
     @app.exception_handler(De3bertError)
