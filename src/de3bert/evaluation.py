@@ -159,6 +159,12 @@ def calibrate(criterion: str, outputs: LayerOutputs, task: TaskSpec, target_spee
     return _most_conservative(_scored_candidates(criterion, outputs, **grid), criterion, target_speedup)
 
 
+def fastest_policy(criterion: str, outputs: LayerOutputs, **grid) -> tuple[ExitPolicy, float]:
+    """The criterion's policy with the largest layer speed-up on these outputs, and that speed-up."""
+    speedup, policy = max(_scored_candidates(criterion, outputs, **grid), key=lambda sp: sp[0])
+    return policy, speedup
+
+
 def calibrated_table(criteria: tuple[str, ...], calibration: LayerOutputs, evaluation: LayerOutputs, task: TaskSpec,
                      targets: tuple[float, ...] = TARGET_SPEEDUPS, **grid) -> list[dict]:
     """For each criterion and target speed-up: τ calibrated on one split, measured on another."""

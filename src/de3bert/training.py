@@ -20,7 +20,7 @@ from transformers import get_linear_schedule_with_warmup
 from de3bert.data import (Collator, EncodedExample, TaskSpec, encode_examples, load_split, main_metric, split_off,
                           subsample)
 from de3bert.errors import De3bertError, PolicyError
-from de3bert.evaluation import (CLASSIFICATION_CRITERIA, LayerOutputs, calibrate, calibrated_table,
+from de3bert.evaluation import (CLASSIFICATION_CRITERIA, LayerOutputs, calibrate, calibrated_table, fastest_policy,
                                 collect_layer_outputs, layer_metrics)
 from de3bert.losses import LossConfig, early_exit_loss
 from de3bert.modeling import EarlyExitModel, ExitHeadConfig
@@ -262,8 +262,10 @@ class Trainer:
         try:
             config.policy = calibrate(default, calibration, self.task, self.args.target_speedup, **grid).to_dict()
         except PolicyError as exc:
-            config.policy = None
-            self.accelerator.print(f"warning: no default exit policy was stored: {exc}")
+            policy, speedup = fastest_policy(default, calibration, **grid)
+            config.policy = policy.to_dict()
+            self.accelerator.print(f"warning: {exc}; the default exit policy is the fastest reachable one "
+                                   f"({speedup:.2f}x)")
 
 
 def train(task_name: str, backbone: str, args: TrainingArguments, data_dir: str | None = None,
