@@ -117,6 +117,9 @@ class EarlyExitEngine:
                 torch.cat([o.logits for o in outputs]),
                 None if outputs[0].distances is None else torch.cat([o.distances for o in outputs]))
             step = policy.step(output, state, is_last=is_last)
+            state = step.state
+            if not step.exits.any():  # the common case at batch 1: nothing to record or re-pack
+                continue
             leaving = active[step.exits]
             logits[leaving] = output.logits[step.exits].to(logits.dtype)
             indicators[leaving] = step.indicator[step.exits].to(indicators.dtype)
@@ -124,13 +127,14 @@ class EarlyExitEngine:
             staying = ~step.exits
             if not staying.any():
                 break
-            state = step.state
-            if leaving.numel():
+            if len(chunks) == 1:
+                hidden, mask = chunks[0][1], chunks[0][2]
+            else:
                 for start, chunk_hidden, _, _ in chunks:
                     hidden[start:start + chunk_size, :chunk_hidden.shape[1]] = chunk_hidden
-                active, state = active[staying], state.select(staying)
-                hidden, mask = _trim_padding(hidden[staying], mask[staying])
-                chunks = None
+            active, state = active[staying], state.select(staying)
+            hidden, mask = _trim_padding(hidden[staying], mask[staying])
+            chunks = None
         predictions = logits.squeeze(-1) if width == 1 else logits.argmax(-1)
         return BatchExits(logits, predictions, exit_layers, indicators)
 

@@ -40,21 +40,20 @@ def max_probability(probs: torch.Tensor) -> torch.Tensor:
 
 def distance_ratio(probs: torch.Tensor, distances: torch.Tensor) -> torch.Tensor:
     """DR = 0.5·(1 + (r1 − r2)/max(r1, r2)), r1 = distance to the predicted class's prototype,
-    r2 = nearest other prototype. DR > 0.5 when the classifier disagrees with the geometry."""
+    r2 = nearest other prototype. DR > 0.5 when the classifier disagrees with the geometry; 0.5
+    when both distances are 0."""
     predicted = probs.argmax(-1, keepdim=True)
     r1 = distances.gather(-1, predicted).squeeze(-1)
     r2 = distances.scatter(-1, predicted, float("inf")).min(-1).values
-    largest = torch.maximum(r1, r2)
-    ratio = torch.where(largest > 0, (r1 - r2) / largest.clamp_min(1e-30), torch.zeros_like(r1))
+    # |r1 - r2| <= max(r1, r2) for distances >= 0, so the ratio lies in [-1, 1]; 0/ε = 0 when both are 0
+    ratio = (r1 - r2) / torch.maximum(r1, r2).clamp_min(1e-30)
     return (0.5 * (1.0 + ratio)).clamp(0.0, 1.0)
 
 
 def hybrid_indicator(entropy: torch.Tensor, ratio: torch.Tensor, lam: float = 1.0) -> torch.Tensor:
-    """EDR = (λ + 1) / (λ/DR + 1/Ent), the weighted harmonic mean; 0 where Ent or DR is 0."""
-    safe_entropy = entropy.clamp_min(1e-30)
-    safe_ratio = ratio.clamp_min(1e-30)
-    edr = (lam + 1.0) / (lam / safe_ratio + 1.0 / safe_entropy)
-    return torch.where((entropy <= 0) | (ratio <= 0), torch.zeros_like(edr), edr)
+    """EDR = (λ + 1) / (λ/DR + 1/Ent), the weighted harmonic mean, computed as
+    (λ + 1)·Ent·DR / (λ·Ent + DR); 0 where Ent or DR is 0."""
+    return (lam + 1.0) * entropy * ratio / (lam * entropy + ratio).clamp_min(1e-30)
 
 
 # criterion -> (reads prototypes, confident when indicator is below τ (True) or above (False))
