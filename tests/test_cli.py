@@ -1,6 +1,6 @@
 import json
-import shutil
 import re
+import shutil
 
 import pytest
 
@@ -20,7 +20,7 @@ def test_evaluate_prints_tables_and_writes_files(tiny_checkpoint, glue_dir, caps
 def test_evaluate_into_the_checkpoint_shows_the_plot_in_its_model_card(tiny_checkpoint, glue_dir, tmp_path):
     checkpoint = tmp_path / "ckpt"
     shutil.copytree(tiny_checkpoint, checkpoint)
-    assert "evaluation/tradeoff.png" not in (checkpoint / "README.md").read_text()
+    assert "![accuracy/speed trade-off]" not in (checkpoint / "README.md").read_text()
     assert main(["evaluate", str(checkpoint), "--data-dir", str(glue_dir), "--no-progress"]) == 0
     card = (checkpoint / "README.md").read_text()
     assert "![accuracy/speed trade-off](evaluation/tradeoff.png)" in card and "de3bert serve" in card
@@ -51,6 +51,9 @@ def test_predict_file_writes_predictions_in_order(tiny_checkpoint, tmp_path):
     (["predict", "/nonexistent/checkpoint", "--text", "hi"], "does not exist"),
     (["serve", "/nonexistent/checkpoint"], "does not exist"),
     (["serve", "/nonexistent/checkpoint", "--max-batch-size", "0"], "max_batch_size must be at least 1"),
+    (["train", "--task", "sst2"], "give --task and --output (or --resume dir"),
+    (["train", "--resume", "/nonexistent/run"], "holds no training state"),
+    (["train", "--resume", "/nonexistent/run", "--epochs", "5", "--seed", "1"], "drop --epochs --seed"),
 ])
 def test_errors_are_one_line_not_tracebacks(argv, message, capsys):
     assert main(argv) == 2

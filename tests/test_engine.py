@@ -1,5 +1,7 @@
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from de3bert.engine import EarlyExitEngine
 from de3bert.errors import PolicyError
@@ -134,15 +136,14 @@ def test_full_depth_skips_internal_heads():
         assert result.predictions.tolist() == model(**batch).layers[-1].logits.argmax(-1).tolist()
 
 
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
 PROPERTY_MODEL = sharpen(tiny_model(pooling="mean"))
+REGRESSION_MODEL = sharpen(tiny_model(labels=(), pooling="mean"), scale=300.0)
 
 
 @settings(max_examples=20, deadline=None)
-@given(st.integers(1, 12), st.integers(3, 14), st.integers(0, 10_000), st.sampled_from(
-    ["edr", "entropy", "confidence", "dr", "patience", "pcee"]), st.floats(0.0, 1.0), st.sampled_from([None, 1, 3]))
+@given(st.integers(1, 16), st.integers(3, 14), st.integers(0, 10_000), st.sampled_from(
+    ["edr", "entropy", "confidence", "dr", "patience", "pcee", "full-depth"]), st.floats(0.0, 1.0),
+    st.sampled_from([None, 1, 3]))
 def test_engine_equals_offline_simulation_for_random_batches(batch_size, max_len, seed, criterion, threshold, chunk):
     batch = padded_batch(batch_size, max_len=max_len, seed=seed)
     policy = ExitPolicy(criterion, threshold, patience=2 if criterion in ("pcee", "patience") else 1)
@@ -150,6 +151,28 @@ def test_engine_equals_offline_simulation_for_random_batches(batch_size, max_len
     actual = EarlyExitEngine(PROPERTY_MODEL, policy).run_batch(**batch, chunk_size=chunk)
     assert actual.exit_layers.tolist() == expected.exit_layers.tolist()
     assert actual.predictions.tolist() == expected.predictions.tolist()
+    assert torch.allclose(actual.indicators, expected.indicators, atol=1e-5)
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(1, 16), st.integers(3, 14), st.integers(0, 10_000), st.floats(0.0, 4.0), st.integers(1, 2),
+       st.sampled_from([None, 3]))
+def test_regression_engine_equals_offline_simulation_for_random_batches(batch_size, max_len, seed, tolerance,
+                                                                         patience, chunk):
+    batch = padded_batch(batch_size, max_len=max_len, seed=seed)
+    policy = ExitPolicy("regression-patience", tolerance, patience)
+    expected = offline(REGRESSION_MODEL, batch, policy)
+    actual = EarlyExitEngine(REGRESSION_MODEL, policy).run_batch(**batch, chunk_size=chunk)
+    assert actual.exit_layers.tolist() == expected.exit_layers.tolist()
+    assert torch.allclose(actual.predictions, expected.predictions, atol=1e-5)
+
+
+def test_full_depth_on_a_regression_model_matches_offline_simulation():
+    batch = padded_batch(6, seed=1)
+    expected = offline(REGRESSION_MODEL, batch, ExitPolicy("full-depth"))
+    actual = EarlyExitEngine(REGRESSION_MODEL, ExitPolicy("full-depth")).run_batch(**batch)
+    assert torch.allclose(actual.predictions, expected.predictions, atol=1e-5)
+    assert actual.indicators.tolist() == expected.indicators.tolist() == [0.0] * 6
 
 
 def test_bf16_autocast_keeps_indicators_sane():
@@ -164,3 +187,20 @@ def test_bf16_autocast_keeps_indicators_sane():
         full = model(**batch).layers[-1].logits.argmax(-1)
     last = result.exit_layers == 4
     assert (result.predictions[last] == full[last]).float().mean() >= 0.9  # bf16 rounding may flip a near tie
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_engine_equals_offline_simulation_under_cpu_autocast(dtype):
+    model = sharpen(tiny_model(pooling="mean"))
+    batch = padded_batch(16, max_len=16, seed=4)
+    exit_layers_seen = set()
+    with torch.autocast("cpu", dtype=dtype):
+        for policy in policies_for(model, batch):
+            expected = offline(model, batch, policy)
+            actual = EarlyExitEngine(model, policy).run_batch(**batch, chunk_size=5)
+            assert actual.exit_layers.tolist() == expected.exit_layers.tolist(), policy
+            assert actual.predictions.tolist() == expected.predictions.tolist(), policy
+            indicators = actual.indicators
+            assert torch.isfinite(indicators).all() and ((indicators >= 0) & (indicators <= 1)).all(), policy
+            exit_layers_seen |= set(actual.exit_layers.tolist())
+    assert len(exit_layers_seen) > 1

@@ -35,3 +35,27 @@ def test_prototype_distances_hand_computed():
 def test_sentence_embedding_backbone_is_pooled_by_mean(tiny_backbone_dir):
     assert pretrained_pooling("minilm-l6") == "mean"
     assert pretrained_pooling(str(tiny_backbone_dir)) == "cls"
+
+
+@pytest.mark.parametrize("metric", ["sqeuclidean", "cosine"])
+def test_prototype_distances_of_half_precision_do_not_overflow(metric):
+    embeddings = torch.full((1, 64), 100.0, dtype=torch.float16)  # ||e||² = 640000 > 65504, float16's largest
+    prototypes = torch.stack([torch.zeros(64), torch.full((64,), 100.0)]).half()
+    distances = prototype_distances(embeddings, prototypes, metric)
+    assert distances.dtype == torch.float32
+    expected = [[640000.0, 0.0]] if metric == "sqeuclidean" else [[1.0, 0.0]]
+    assert distances.tolist() == expected
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_head_of_huge_hidden_states_is_finite(pooling, autocast):
+    torch.manual_seed(0)
+    head = ExitHead(16, 3, 8, "sqeuclidean", 0.0, pooling=pooling).eval()
+    with torch.no_grad():
+        head.prototypes.normal_()
+    hidden = torch.randn(4, 6, 16) * 1e30
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        output = head(hidden, torch.ones(4, 6, dtype=torch.long))
+    assert torch.isfinite(output.logits).all() and torch.isfinite(output.distances).all()
+    assert (output.distances >= 0).all()

@@ -61,17 +61,24 @@ def test_loading_something_else_is_a_clear_error(tmp_path, tokenizer):
         EarlyExitModel.from_pretrained(tmp_path / "hf")
 
 
-def test_label_mismatch_and_version_and_missing_weights(tmp_path, tokenizer):
+def test_labels_of_another_task_are_rejected(tmp_path, tokenizer):
     path = tiny_model(tokenizer=tokenizer).save_pretrained(tmp_path / "ckpt")
-    with pytest.raises(CheckpointError, match="trained for labels"):
+    with pytest.raises(CheckpointError, match=r"trained for labels \['neg', 'pos'\] of task 'tiny', but the data has "
+                                              r"labels \['a', 'b', 'c'\]"):
         EarlyExitModel.from_pretrained(path, expected_labels=["a", "b", "c"])
+
+
+def test_incompatible_format_version_is_rejected(tmp_path, tokenizer):
+    path = tiny_model(tokenizer=tokenizer).save_pretrained(tmp_path / "ckpt")
     config = json.loads((path / "config.json").read_text())
     config["de3bert"]["format_version"] = 99
     (path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match="format version 99"):
+    with pytest.raises(CheckpointError, match="has format version 99; this de3bert reads version 1"):
         EarlyExitModel.from_pretrained(path)
-    config["de3bert"]["format_version"] = 1
-    (path / "config.json").write_text(json.dumps(config))
+
+
+def test_checkpoint_without_weights_is_a_clear_error(tmp_path, tokenizer):
+    path = tiny_model(tokenizer=tokenizer).save_pretrained(tmp_path / "ckpt")
     (path / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="has no model.safetensors"):
         EarlyExitModel.from_pretrained(path)
@@ -101,4 +108,19 @@ def test_checkpoint_without_tokenizer_files_is_a_clear_error(tmp_path, tokenizer
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         (path / name).unlink(missing_ok=True)
     with pytest.raises(CheckpointError, match="has no usable tokenizer files"):
+        EarlyExitModel.from_pretrained(path)
+
+
+def test_corrupt_config_json_is_a_clear_error(tmp_path, tokenizer):
+    path = tiny_model(tokenizer=tokenizer).save_pretrained(tmp_path / "ckpt")
+    (path / "config.json").write_text('{"de3bert": {"task": ')
+    with pytest.raises(CheckpointError, match=r"config.json is not valid JSON"):
+        EarlyExitModel.from_pretrained(path)
+
+
+def test_corrupt_weights_are_a_clear_error(tmp_path, tokenizer):
+    path = tiny_model(tokenizer=tokenizer).save_pretrained(tmp_path / "ckpt")
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=r"model.safetensors cannot be read"):
         EarlyExitModel.from_pretrained(path)

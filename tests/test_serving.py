@@ -148,7 +148,7 @@ def test_policy_for_speedup_ends_of_the_range():
     ({"inputs": [{"text": "a"}], "policy": {"criterion": "patience", "target_speedup": 2.5}},
      "outside the range calibrated for criterion 'patience': 1.5x to 2x"),
     ({"inputs": [{"text": "a"}], "policy": {"target_speedup": 2, "threshold": 0.3}},
-     "give either target_speedup or threshold/patience"),
+     "give either target_speedup or threshold/patience/lam"),
     ({"inputs": [{"text": "a"}], "policy": {"speedup": 2}}, "invalid request: policy.speedup: Extra inputs"),
 ])
 def test_bad_requests_get_clear_errors(client, body, message):

@@ -1,12 +1,22 @@
 import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+from transformers import BertConfig, BertModel
 
-from de3bert.errors import De3bertError
-from de3bert.modeling import EarlyExitModel
-from de3bert.training import RECIPES, Trainer, TrainingArguments, train
-from tests.conftest import tiny_model
+from de3bert.cli import main
+from de3bert.errors import CheckpointError, De3bertError
+from de3bert.modeling import EarlyExitModel, ExitHeadConfig
+from de3bert.training import (RECIPES, STOP_AFTER_STEPS_ENV, Trainer, TrainingArguments, epoch_order, process_share,
+                              resume, train)
+from de3bert.training_state import load_training_state, state_path
+from tests.conftest import TINY, tiny_model
 
 
 def args_for(tmp_path, **overrides):
@@ -68,3 +78,91 @@ def test_same_seed_gives_same_weights(tmp_path, tiny_backbone_dir, glue_dir):
 def test_bad_arguments_are_clear_errors(tmp_path, overrides, message):
     with pytest.raises(De3bertError, match=message):
         args_for(tmp_path, **overrides)
+
+
+def cli_train_argv(backbone, glue_dir, output, **options) -> list[str]:
+    """`de3bert train` arguments for the tiny SST-2 with the settings of args_for."""
+    values = dict(task="sst2", model=str(backbone), output=str(output), epochs=3, learning_rate=1e-2, batch_size=16,
+                  calibration_fraction=0.25, data_dir=str(glue_dir)) | options
+    return ["train", "--no-progress"] + [f"--{k.replace('_', '-')}={v}" for k, v in values.items()]
+
+
+def max_weight_difference(first: Path, second: Path) -> float:
+    """Largest absolute difference between the tensors of two checkpoints."""
+    a, b = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def history(output: Path) -> list[float]:
+    """Stage, epoch, train_loss and score of every epoch of a finished run, one after the other."""
+    records = json.loads((output / "training_history.json").read_text())
+    return [value for r in records for value in (r["stage"], r["epoch"], r["train_loss"], r["score"])]
+
+
+def test_batches_are_shared_so_that_averaged_gradients_equal_the_whole_batch_gradient():
+    batch = list(range(13))
+    assert process_share(batch, 0, 1) == (batch, 1.0)
+    assert process_share(batch, 0, 2) == (list(range(7)), 14 / 13)
+    assert process_share(batch, 1, 2) == (list(range(7, 13)), 12 / 13)
+    assert process_share([5], 1, 2) == ([5], 0.0)  # nothing left for it: runs one example with weight 0
+    assert sorted(epoch_order(10, 42, 0, 1)) == list(range(10))
+    assert epoch_order(10, 42, 0, 1) == epoch_order(10, 42, 0, 1) != epoch_order(10, 42, 0, 2)
+
+
+def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, tiny_backbone_dir, glue_dir):
+    reference = train("sst2", str(tiny_backbone_dir), args_for(tmp_path / "reference", epochs=2, save_every_steps=4),
+                      data_dir=str(glue_dir)).output_dir
+    output = tmp_path / "killed" / "ckpt"
+    # 6 steps per epoch; state checkpoints after steps 4, 6 (epoch end) and 8; killed after step 10.
+    killed = subprocess.run([sys.executable, "-m", "de3bert.cli",
+                             *cli_train_argv(tiny_backbone_dir, glue_dir, output, epochs=2, save_every_steps=4)],
+                            env=os.environ | {STOP_AFTER_STEPS_ENV: "10"}, capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    state = load_training_state(output)
+    assert (state.stage, state.epoch, state.step, state.global_step) == (0, 2, 2, 8)  # mid-epoch
+    assert main(["train", "--resume", str(output), "--no-progress"]) == 0
+    assert max_weight_difference(reference, output) < 1e-5
+    assert history(output) == pytest.approx(history(reference), rel=1e-6)
+    # The kept weights come from the epoch that was interrupted, so the comparison means something.
+    scores = [r["score"] for r in json.loads((reference / "training_history.json").read_text())]
+    assert scores[1] > scores[0]
+    assert not state_path(output).parent.exists()  # a finished run leaves a plain checkpoint
+
+
+def test_missing_or_damaged_training_state_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="holds no training state"):
+        resume(tmp_path / "run")
+    path = state_path(tmp_path / "run")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"half a file")
+    with pytest.raises(CheckpointError, match="cannot be read .* truncated or damaged"):
+        resume(tmp_path / "run")
+    torch.save({"version": 1, "stage": 0}, path)
+    with pytest.raises(CheckpointError, match="lacks best_model"):
+        resume(tmp_path / "run")
+    with pytest.raises(CheckpointError, match="training state of an unfinished run: continue it with"):
+        train("sst2", "unused", args_for(tmp_path, output_dir=str(tmp_path / "run")))
+
+
+def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, tokenizer, glue_dir):
+    # Dropout off: the processes draw other dropout masks than one process would. What remains is floating-point
+    # summation order (gradient all-reduce, smaller matrix products), amplified by Adam over 16 steps: about 3e-5
+    # here, against 4e-2 when the processes' mean losses are averaged without weighting by their share.
+    backbone = tmp_path / "tiny-bert-no-dropout"
+    torch.manual_seed(0)
+    BertModel(BertConfig(**TINY, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).save_pretrained(backbone)
+    tokenizer.save_pretrained(backbone)
+    single = train("sst2", str(backbone), args_for(tmp_path / "single", epochs=2, batch_size=13),
+                   data_dir=str(glue_dir), heads=ExitHeadConfig(dropout=0.0)).output_dir
+    output = tmp_path / "ddp" / "ckpt"
+    torchrun = Path(sys.executable).parent / "torchrun"
+    launched = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "de3bert.cli",
+         *cli_train_argv(backbone, glue_dir, output, epochs=2, batch_size=13, head_dropout=0.0)],
+        env=os.environ | {"CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True)  # CPU processes (gloo)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert launched.stdout.count("best checkpoint") == 1  # only the main process prints
+    assert "2 processes, 13 examples per step in all" in launched.stdout
+    assert history(output) == pytest.approx(history(single), rel=1e-6)
+    assert max_weight_difference(single, output) < 2e-4

@@ -34,18 +34,35 @@ def _policy(args) -> "ExitPolicy | None":
     return ExitPolicy(args.criterion, threshold=args.threshold, patience=args.patience, lam=args.lam)
 
 
-def cmd_train(args) -> None:
-    from de3bert.modeling import ExitHeadConfig
-    from de3bert.training import TrainingArguments, train
+RESUME_OPTIONS = ("resume", "data_dir", "no_progress")  # the train options that may accompany --resume
 
-    training_args = TrainingArguments(
-        output_dir=args.output, recipe=args.recipe, epochs=args.epochs, learning_rate=args.learning_rate,
-        head_learning_rate=args.head_learning_rate, batch_size=args.batch_size, seed=args.seed, alpha=args.alpha,
-        beta=args.beta, target_speedup=args.target_speedup, lam=args.lam, max_train_samples=args.max_train_samples,
-        calibration_fraction=args.calibration_fraction, max_length=args.max_length, progress=not args.no_progress)
-    heads = ExitHeadConfig(prototype_dim=args.prototype_dim, distance=args.distance, pooling=args.pooling)
-    result = train(args.task, args.model, training_args, args.data_dir, args.hub_dataset, heads)
-    print(f"best checkpoint (selection score {result.best_score:.4f}) saved to {result.output_dir}")
+
+def cmd_train(args) -> None:
+    """Train a model, or continue a stopped run with --resume (with the options saved in its folder)."""
+    from de3bert.modeling import ExitHeadConfig
+    from de3bert.training import TrainingArguments, process_state, resume, train
+
+    if args.resume:
+        defaults = vars(build_parser().parse_args(["train"]))
+        repeated = [f"--{name.replace('_', '-')}" for name, value in vars(args).items()
+                    if name not in RESUME_OPTIONS and value != defaults[name]]
+        if repeated:
+            raise De3bertError("--resume continues a run with the options it was started with; "
+                               f"drop {' '.join(repeated)}")
+        result = resume(args.resume, args.data_dir, progress=not args.no_progress)
+    else:
+        if args.task is None or args.output is None:
+            raise De3bertError("give --task and --output (or --resume DIR to continue a stopped run)")
+        training_args = TrainingArguments(
+            output_dir=args.output, recipe=args.recipe, epochs=args.epochs, learning_rate=args.learning_rate,
+            head_learning_rate=args.head_learning_rate, batch_size=args.batch_size, seed=args.seed, alpha=args.alpha,
+            beta=args.beta, target_speedup=args.target_speedup, lam=args.lam, max_train_samples=args.max_train_samples,
+            calibration_fraction=args.calibration_fraction, max_length=args.max_length,
+            save_every_steps=args.save_every_steps, progress=not args.no_progress)
+        heads = ExitHeadConfig(prototype_dim=args.prototype_dim, distance=args.distance, dropout=args.head_dropout,
+                               pooling=args.pooling)
+        result = train(args.task, args.model, training_args, args.data_dir, args.hub_dataset, heads)
+    process_state().print(f"best checkpoint (selection score {result.best_score:.4f}) saved to {result.output_dir}")
 
 
 def cmd_evaluate(args) -> None:
@@ -150,17 +167,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="fine-tune an early-exit model on a task",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    train.add_argument("--task", required=True, help="GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli")
+    train.add_argument("--task", help="GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli (required)")
     train.add_argument("--model", default="minilm-l6",
                        help="backbone: minilm-l6 (embedded), mpnet-base (12 layers), a local folder or hub id")
     train.add_argument("--recipe", default="de3", choices=["de3", "pabee", "deebert"],
                        help="de3: CE+prototype CE+DAR on all layers; pabee: weighted CE; deebert: two stages")
-    train.add_argument("--output", required=True, help="checkpoint folder to write")
+    train.add_argument("--output", help="checkpoint folder to write (required)")
+    train.add_argument("--resume", metavar="DIR",
+                       help="continue the stopped run whose --output was DIR, with the options it was started with")
+    train.add_argument("--save-every-steps", type=int, default=200,
+                       help="write the training state (for --resume) every this many optimizer steps and at every "
+                            "epoch end (0: epoch ends only)")
     train.add_argument("--epochs", type=int, default=3, help="epochs (per stage)")
     train.add_argument("--learning-rate", type=float, default=5e-5, help="peak learning rate of the backbone")
     train.add_argument("--head-learning-rate", type=float, default=1e-3,
                        help="peak learning rate of the freshly initialized exit heads and prototypes")
-    train.add_argument("--batch-size", type=int, default=32, help="training batch size")
+    train.add_argument("--batch-size", type=int, default=32,
+                       help="training batch size, global: several processes (torchrun) share each batch")
     train.add_argument("--max-length", type=int, default=128, help="max tokens per input (longer is truncated)")
     train.add_argument("--max-train-samples", type=int, default=None, help="train on a fixed random subsample")
     train.add_argument("--calibration-fraction", type=float, default=0.1,
@@ -170,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--beta", type=float, default=None, help="DAR weight β (de3 default 1; 0 = off)")
     train.add_argument("--prototype-dim", type=int, default=None, help="metric space dimension d (default: hidden)")
     train.add_argument("--distance", default="sqeuclidean", choices=["sqeuclidean", "cosine"], help="prototype distance")
+    train.add_argument("--head-dropout", type=float, default=0.1, help="dropout in the exit heads")
     train.add_argument("--pooling", default=None, choices=["cls", "mean"],
                        help="what each exit head reads: the [CLS] state (the paper) or the mean over tokens "
                             "(default: the backbone's own pretrained pooling, mean for minilm-l6 and mpnet-base)")
@@ -231,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000, help="TCP port")
     serve.add_argument("--workers", type=int, default=1, help="worker processes (each loads the model)")
     serve.add_argument("--max-batch-size", type=int, default=32, help="most inputs merged into one engine call")
-    serve.add_argument("--max-wait-ms", type=float, default=2.0, help="longest wait for requests to merge with")
+    serve.add_argument("--max-wait-ms", type=float, default=0.0,
+                       help="longest wait for requests to merge with (0: merge only those already queued)")
     serve.add_argument("--no-micro-batching", action="store_true", help="run each request on its own")
     serve.add_argument("--max-inputs", type=int, default=64, help="most inputs per request")
     serve.add_argument("--max-chars", type=int, default=5000, help="most characters per text")

@@ -28,8 +28,10 @@ class HeadOutput:
 def prototype_distances(embeddings: torch.Tensor, prototypes: torch.Tensor, metric: str) -> torch.Tensor:
     """Distances (B, C) between embeddings e (B, d) and prototypes P (C, d).
 
-    sqeuclidean: r_k = ||e - P_k||² (DESIGN §1, default); cosine: r_k = 1 - cos(e, P_k).
+    sqeuclidean: r_k = ||e - P_k||² (DESIGN §1, default); cosine: r_k = 1 - cos(e, P_k). Computed in
+    float32: squared distances of a half-precision model pass 65504 (float16's largest) easily.
     """
+    embeddings, prototypes = embeddings.float(), prototypes.float()
     if metric == "sqeuclidean":
         return (embeddings.unsqueeze(1) - prototypes.unsqueeze(0)).pow(2).sum(-1)
     if metric == "cosine":

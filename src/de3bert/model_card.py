@@ -51,8 +51,8 @@ def render_model_card(config, plot: str | None = None) -> str:
         lines += ["", "## Calibrated trade-off", "",
                   "Thresholds calibrated on a held-out calibration split to a target layer speed-up; "
                   "measured on dev.", "", _table(calibrated, list(calibrated[0]))]
-        lines += [f"- {row['policy']} at {row['target_speedup']:g}x: {row['error']}"
-                  for row in config.calibration if "error" in row]
+    lines += [f"- {row['policy']} at {row['target_speedup']:g}x: {row['error']}"
+              for row in config.calibration if "error" in row]
     if plot:
         lines += ["", f"![accuracy/speed trade-off]({plot})"]
     else:

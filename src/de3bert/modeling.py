@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from de3bert.atomic import replace_directory
 from de3bert.backbones import Backbone, backbone_from_config, count_parameters, load_backbone, resolve_backbone
 from de3bert.errors import CheckpointError
 from de3bert.heads import DISTANCES, POOLINGS, ExitHead, HeadOutput
@@ -192,8 +194,11 @@ class EarlyExitModel(nn.Module):
             "overhead_fraction": (classifiers + prototypes) / backbone,
         }
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write config.json, model.safetensors, tokenizer files and a model card, atomically."""
+    def save_pretrained(self, directory: str | Path, keep: Sequence[str] = ()) -> Path:
+        """Write config.json, model.safetensors, tokenizer files and a model card, atomically.
+
+        keep: sub-directories of an existing checkpoint directory to carry over (a run's training state).
+        """
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
         staging = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
@@ -205,7 +210,7 @@ class EarlyExitModel(nn.Module):
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(staging)
         write_model_card(self.config, staging)
-        _replace_directory(staging, directory)
+        replace_directory(staging, directory, keep)
         return directory
 
     @classmethod
@@ -293,15 +298,3 @@ def _pretrained_pooler_state(backbone_name: str) -> dict[str, torch.Tensor] | No
     if prefix is None:
         return None
     return {"weight": state[prefix + "weight"], "bias": state[prefix + "bias"]}
-
-
-def _replace_directory(staging: Path, target: Path) -> None:
-    """Move a fully written staging directory into place, so readers never see a half-written one."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        target.rename(old)
-        staging.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        staging.rename(target)

@@ -25,12 +25,13 @@ import torch
 from de3bert.errors import PolicyError
 from de3bert.heads import HeadOutput
 
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
 
 def normalized_entropy(probs: torch.Tensor) -> torch.Tensor:
-    """Ent = −Σ p log p / log C, in [0, 1] (DeeBERT's indicator, normalized)."""
-    num_classes = probs.shape[-1]
+    """Ent = −Σ p log p / log C, in [0, 1] (DeeBERT's indicator, normalized); 0 for a single output."""
     entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)
-    return (entropy / math.log(num_classes)).clamp(0.0, 1.0)
+    return (entropy / (math.log(probs.shape[-1]) or 1.0)).clamp(0.0, 1.0)  # C = 1: 0/0 by the formula
 
 
 def max_probability(probs: torch.Tensor) -> torch.Tensor:
@@ -41,7 +42,10 @@ def max_probability(probs: torch.Tensor) -> torch.Tensor:
 def distance_ratio(probs: torch.Tensor, distances: torch.Tensor) -> torch.Tensor:
     """DR = 0.5·(1 + (r1 − r2)/max(r1, r2)), r1 = distance to the predicted class's prototype,
     r2 = nearest other prototype. DR > 0.5 when the classifier disagrees with the geometry; 0.5
-    when both distances are 0."""
+    when both distances are equal (both 0, or both overflowed to inf)."""
+    # Distances are >= 0 by definition, but 1 − cos rounds slightly below 0, and half-precision squared distances
+    # overflow to inf (then inf/inf is NaN): clamp both into [0, largest finite value].
+    distances = distances.clamp(0.0, torch.finfo(distances.dtype).max)
     predicted = probs.argmax(-1, keepdim=True)
     r1 = distances.gather(-1, predicted).squeeze(-1)
     r2 = distances.scatter(-1, predicted, float("inf")).min(-1).values
@@ -53,7 +57,8 @@ def distance_ratio(probs: torch.Tensor, distances: torch.Tensor) -> torch.Tensor
 def hybrid_indicator(entropy: torch.Tensor, ratio: torch.Tensor, lam: float = 1.0) -> torch.Tensor:
     """EDR = (λ + 1) / (λ/DR + 1/Ent), the weighted harmonic mean, computed as
     (λ + 1)·Ent·DR / (λ·Ent + DR); 0 where Ent or DR is 0."""
-    return (lam + 1.0) * entropy * ratio / (lam * entropy + ratio).clamp_min(1e-30)
+    edr = (lam + 1.0) * entropy * ratio / (lam * entropy + ratio).clamp_min(1e-30)
+    return edr.clamp(0.0, 1.0)  # rounding can land one ulp above 1 (Ent = DR = 1, λ = 0.32 gives 1.0000001)
 
 
 # criterion -> (reads prototypes, confident when indicator is below τ (True) or above (False))
@@ -100,8 +105,8 @@ class ExitStep:
 class ExitPolicy:
     """An exit criterion with its threshold τ, patience t and EDR weight λ.
 
-    criterion: one of CRITERIA. threshold: τ — for "patience" it is unused (the criterion is
-    "prediction unchanged"), for "regression-patience" it is the tolerance on |Δ output|.
+    criterion: one of CRITERIA. threshold: τ in [0, 1] — for "patience" it is unused (the criterion
+    is "prediction unchanged"), for "regression-patience" it is the tolerance on |Δ output| (any τ >= 0).
     patience: consecutive confident layers needed to exit (1 = exit at the first confident one).
     lam: λ of the hybrid indicator (EDR only).
     """
@@ -116,10 +121,13 @@ class ExitPolicy:
             raise PolicyError(f"unknown exit criterion '{self.criterion}'; choose one of {', '.join(CRITERIA)}")
         if self.patience < 1:
             raise PolicyError(f"patience must be at least 1, got {self.patience}")
-        if self.criterion != "regression-patience" and not 0.0 <= self.threshold <= 1.0:
+        if self.criterion == "regression-patience":
+            if not self.threshold >= 0.0:  # written so that NaN fails too
+                raise PolicyError(f"tolerance of 'regression-patience' must be a number >= 0, got {self.threshold}")
+        elif not 0.0 <= self.threshold <= 1.0:
             raise PolicyError(f"threshold of '{self.criterion}' must lie in [0, 1], got {self.threshold}")
-        if self.lam <= 0:
-            raise PolicyError(f"λ must be positive, got {self.lam}")
+        if not (self.lam > 0 and math.isfinite(self.lam)):
+            raise PolicyError(f"λ must be positive and finite, got {self.lam}")
 
     @property
     def reads_internal_heads(self) -> bool:
@@ -146,8 +154,10 @@ class ExitPolicy:
             value = logits.squeeze(-1)
             delta = torch.full_like(value, math.inf) if previous is None else (value - previous).abs()
             return delta, value
-        probs = logits.softmax(-1)
-        prediction = probs.argmax(-1)
+        # a half-precision head can overflow to ±inf, and softmax of inf is NaN; the largest finite float is not
+        probs = logits.clamp(-FLOAT32_MAX, FLOAT32_MAX).softmax(-1)
+        # a regression head (one output; full depth is its other criterion) predicts its score, not a class
+        prediction = logits.squeeze(-1) if logits.shape[-1] == 1 else probs.argmax(-1)
         if self.criterion == "patience":
             changed = torch.ones_like(prediction, dtype=torch.bool) if previous is None else prediction != previous
             return changed.float(), prediction

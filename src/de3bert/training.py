@@ -5,25 +5,35 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import random
+import shutil
+import signal
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
-from torch.utils.data import DataLoader
+from accelerate import Accelerator, PartialState
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+from de3bert.atomic import write_file
 from de3bert.data import (Collator, EncodedExample, TaskSpec, encode_examples, load_split, main_metric, split_off,
                           subsample)
-from de3bert.errors import De3bertError, PolicyError
+from de3bert.errors import CheckpointError, De3bertError, PolicyError
 from de3bert.evaluation import (CLASSIFICATION_CRITERIA, LayerOutputs, calibrate, calibrated_table, fastest_policy,
                                 collect_layer_outputs, layer_metrics)
 from de3bert.losses import LossConfig, early_exit_loss
 from de3bert.modeling import EarlyExitModel, ExitHeadConfig
+from de3bert.training_state import (STATE_DIR, TrainingState, capture_rng, load_training_state, restore_rng,
+                                    save_training_state, state_path)
+
+STOP_AFTER_STEPS_ENV = "DE3BERT_STOP_AFTER_STEPS"
+"""Testing hook: when set to N, the training process SIGKILLs itself right after optimizer step N (and the
+state checkpoint of that step, if one is due), to test crash recovery deterministically."""
 
 
 @dataclass
@@ -79,9 +89,10 @@ class TrainingArguments:
     """Peak learning rate of the freshly initialized exit heads and prototypes (None: learning_rate).
     Shallow heads get a small share of the depth-weighted loss; at the backbone's rate they barely learn."""
     batch_size: int = 32
-    """Training batch size."""
+    """Global training batch size: with several processes each computes an equal share of every batch, so the
+    optimizer steps, and the results, do not depend on the number of processes."""
     eval_batch_size: int = 64
-    """Batch size for evaluation."""
+    """Batch size for evaluation (per process; every process evaluates the whole dev set)."""
     warmup_ratio: float = 0.1
     """Fraction of steps with linear warm-up, then linear decay to 0."""
     weight_decay: float = 0.01
@@ -106,6 +117,9 @@ class TrainingArguments:
     """Fraction of the training data held out to calibrate exit thresholds (0: calibrate on dev)."""
     max_length: int = 128
     """Maximum tokens per input; longer inputs are truncated (and counted)."""
+    save_every_steps: int = 200
+    """Write the training state (to resume a stopped run) every this many optimizer steps, and at every epoch
+    end (0: at epoch ends only)."""
     progress: bool = True
     """Show progress bars."""
 
@@ -116,10 +130,35 @@ class TrainingArguments:
             raise De3bertError(f"epochs must be at least 1, got {self.epochs}")
         if not 0.0 <= self.calibration_fraction < 1.0:
             raise De3bertError(f"calibration_fraction must lie in [0, 1), got {self.calibration_fraction}")
+        if self.batch_size < 1:
+            raise De3bertError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.save_every_steps < 0:
+            raise De3bertError(f"save_every_steps must be 0 or more, got {self.save_every_steps}")
 
     def to_dict(self) -> dict:
         """JSON-ready form."""
         return asdict(self)
+
+
+@dataclass
+class RunSpec:
+    """What a training run was asked to do; saved with its training state, so that `resume` needs only the folder."""
+
+    task: str
+    backbone: str
+    args: TrainingArguments
+    data_dir: str | None = None
+    hub_dataset: str | None = None
+    heads: ExitHeadConfig = field(default_factory=ExitHeadConfig)
+
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RunSpec:
+        """Inverse of to_dict."""
+        return cls(**{**data, "args": TrainingArguments(**data["args"]), "heads": ExitHeadConfig(**data["heads"])})
 
 
 @dataclass
@@ -138,6 +177,30 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def epoch_order(size: int, seed: int, stage: int, epoch: int) -> list[int]:
+    """The shuffled order of the training examples in one epoch: a pure function of seed, stage and epoch."""
+    return np.random.default_rng([seed, stage, epoch]).permutation(size).tolist()
+
+
+def process_share(indices: list[int], process: int, processes: int) -> tuple[list[int], float]:
+    """This process's contiguous part of a global batch, and the weight of its mean loss.
+
+    The weight processes·b/B makes the average over processes (what DDP does to gradients) equal the gradient
+    of the mean loss over the whole batch of B. A process left without examples (B < processes) runs one with
+    weight 0, because every process has to take part in each step.
+    """
+    own = np.array_split(np.asarray(indices), processes)[process].tolist()
+    return (own, processes * len(own) / len(indices)) if own else (indices[:1], 0.0)
+
+
+def process_state() -> PartialState:
+    """This process's place in the run: the only one, or one of several under `accelerate launch` / `torchrun`.
+
+    Without CUDA, several processes talk over gloo.
+    """
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def stage_loss(recipe: Recipe, stage: Stage, args: TrainingArguments) -> LossConfig:
     """The stage's loss with the run's α/β overrides applied (prototype recipes only)."""
     if not recipe.prototypes:
@@ -147,24 +210,39 @@ def stage_loss(recipe: Recipe, stage: Stage, args: TrainingArguments) -> LossCon
 
 
 class Trainer:
-    """Trains an EarlyExitModel with a recipe, evaluates every epoch, keeps the best, calibrates."""
+    """Trains an EarlyExitModel with a recipe, evaluates every epoch, keeps the best, calibrates.
+
+    One process, or several under `accelerate launch` / `torchrun` (DDP): each process computes its share of
+    every global batch, every process evaluates the whole dev set (so all keep the same best epoch), and only
+    the main process writes files and prints. The training state is saved for `resume` every
+    `save_every_steps` optimizer steps and at every epoch end.
+    """
 
     def __init__(self, model: EarlyExitModel, args: TrainingArguments, task: TaskSpec,
-                 train: list[EncodedExample], dev: list[EncodedExample], calibration: list[EncodedExample]):
-        self.model, self.args, self.task = model, args, task
+                 train: list[EncodedExample], dev: list[EncodedExample], calibration: list[EncodedExample],
+                 run: RunSpec | None = None):
+        self.model, self.args, self.task, self.run = model, args, task, run
         self.train_examples, self.dev, self.calibration = train, dev, calibration
         self.recipe = RECIPES[args.recipe]
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         self.history: list[dict] = []
+        self.steps_per_epoch = math.ceil(len(train) / args.batch_size)
+        self.global_step = 0
+        self.best_score, self.best_state = -math.inf, None
+        self.stop_after_steps = int(os.environ.get(STOP_AFTER_STEPS_ENV, 0))
 
     def _set_trainable(self, stage: Stage) -> list[torch.nn.Parameter]:
         last = len(self.model.heads) - 1
+        loss = stage_loss(self.recipe, stage, self.args)
         for p in self.model.backbone.parameters():
             p.requires_grad_(stage.train_backbone)
         for index, head in enumerate(self.model.heads):
             on = stage.train_heads == "all" or (stage.train_heads == "final") == (index == last)
-            for p in head.parameters():
-                p.requires_grad_(on)
+            for name, p in head.named_parameters():
+                # With α = β = 0 no loss term reaches the prototypical networks, and DDP refuses trainable
+                # parameters that get no gradient.
+                prototypical = name.startswith(("projection.", "prototypes"))
+                p.requires_grad_(on and (not prototypical or bool(loss.alpha or loss.beta)))
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def _optimizer(self) -> torch.optim.Optimizer:
@@ -183,55 +261,113 @@ class Trainer:
         scores = [main_metric(self.task, r) for r in rows]
         return (scores[-1] if select_by == "last" else sum(scores) / len(scores)), rows
 
-    def train(self) -> TrainResult:
-        """Run every stage of the recipe; the best epoch's weights end up in the model and on disk."""
-        args = self.args
-        seed_everything(args.seed)
-        generator = torch.Generator().manual_seed(args.seed)
-        loader = DataLoader(self.train_examples, batch_size=args.batch_size, shuffle=True, generator=generator,
-                            collate_fn=Collator(self.model.tokenizer))
-        best_score = float("nan")
-        for stage_index, stage in enumerate(self.recipe.stages):
-            self._set_trainable(stage)
-            loss_config = stage_loss(self.recipe, stage, args)
-            optimizer = self._optimizer()
-            steps = args.epochs * math.ceil(len(self.train_examples) / args.batch_size)
-            scheduler = get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * steps), steps)
-            model, optimizer, stage_loader, scheduler = self.accelerator.prepare(self.model, optimizer, loader, scheduler)
-            best_score, best_state = -math.inf, None
-            for epoch in range(1, args.epochs + 1):
-                model.train()
-                bar = tqdm(stage_loader, desc=f"stage {stage_index + 1} epoch {epoch}/{args.epochs}",
-                           disable=not args.progress, dynamic_ncols=True)
-                started, seen, running = time.perf_counter(), 0, None
-                for batch in bar:
-                    labels = batch.pop("labels")
-                    output = model(**batch, with_prototypes=self.recipe.prototypes)
-                    loss = early_exit_loss(output.layers, labels, loss_config)
-                    self.accelerator.backward(loss)
-                    self.accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad()
-                    seen += labels.shape[0]
-                    running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
-                    bar.set_postfix(loss=f"{running:.4f}", samples_per_s=f"{seen / (time.perf_counter() - started):.1f}")
-                unwrapped = self.accelerator.unwrap_model(model)
-                outputs = collect_layer_outputs(unwrapped, self.dev, args.eval_batch_size, args.progress)
-                score, rows = self._score(outputs, stage.select_by)
-                record = {"stage": stage_index + 1, "epoch": epoch, "train_loss": running, "score": score,
-                          "seconds": time.perf_counter() - started, "layer_metrics": rows}
-                self.history.append(record)
-                self.accelerator.print(
-                    f"stage {stage_index + 1} epoch {epoch}: loss {running:.4f}, dev {self.task.main_metric} by layer "
-                    + " ".join(f"{main_metric(self.task, r):.3f}" for r in rows) + f" (selection score {score:.4f})")
-                if score > best_score:
-                    best_score = score
-                    best_state = copy.deepcopy(unwrapped.state_dict())
-                    self._save(calibrate_policies=False)
-            self.model.load_state_dict(best_state)
+    def train(self, state: TrainingState | None = None) -> TrainResult:
+        """Run every stage of the recipe, or what a stopped run left (`state`); the best weights end up on disk."""
+        seed_everything(self.args.seed)
+        first_stage = 0
+        if state is not None:
+            if state.examples != len(self.train_examples):
+                raise CheckpointError(f"the training state is for {state.examples} training examples, but the data "
+                                      f"has {len(self.train_examples)}; resume on the data the run started with")
+            self.model.load_state_dict(state.model)
+            self.history, self.global_step, first_stage = list(state.history), state.global_step, state.stage
+            if len(state.rng) == self.accelerator.num_processes:
+                # Nothing from here to the next training step draws random numbers: dropout continues exactly.
+                restore_rng(state.rng[self.accelerator.process_index])
+            else:
+                self.accelerator.print(f"note: the run was saved by {len(state.rng)} processes and continues on "
+                                       f"{self.accelerator.num_processes}, so dropout draws fresh random numbers")
+        for stage_index in range(first_stage, len(self.recipe.stages)):
+            self._train_stage(stage_index, state if stage_index == first_stage else None)
         self._save(calibrate_policies=True)
-        return TrainResult(Path(args.output_dir), self.history, best_score)
+        if self.accelerator.is_main_process:
+            shutil.rmtree(state_path(self.args.output_dir).parent, ignore_errors=True)
+        return TrainResult(Path(self.args.output_dir), self.history, self.best_score)
+
+    def _train_stage(self, stage_index: int, state: TrainingState | None) -> None:
+        """Train one stage for its epochs (the rest of them when `state` stopped inside it); keep its best epoch."""
+        args, stage = self.args, self.recipe.stages[stage_index]
+        self._set_trainable(stage)
+        loss_config = stage_loss(self.recipe, stage, args)
+        optimizer = self._optimizer()
+        steps = args.epochs * self.steps_per_epoch
+        scheduler = get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * steps), steps)
+        # No prepared DataLoader: the trainer draws (epoch_order) and shards (process_share) its batches itself,
+        # so the global batch and the data order are the same for any number of processes, and a resumed
+        # epoch simply starts at a later step of the same order.
+        model, optimizer = self.accelerator.prepare(self.model, optimizer)
+        self.best_score, self.best_state, first_epoch = -math.inf, None, 1
+        if state is not None:
+            optimizer.load_state_dict(state.optimizer)
+            scheduler.load_state_dict(state.scheduler)
+            self.best_score, self.best_state, first_epoch = state.best_score, state.best_model, state.epoch
+        main = self.accelerator.is_main_process
+        for epoch in range(first_epoch, args.epochs + 1):
+            resumed = state is not None and epoch == first_epoch
+            order = (state.permutation if resumed and state.permutation
+                     else epoch_order(len(self.train_examples), args.seed, stage_index, epoch))
+            first_step, running = (state.step, state.running_loss) if resumed else (0, None)
+            model.train()
+            bar = tqdm(range(first_step, self.steps_per_epoch), initial=first_step, total=self.steps_per_epoch,
+                       desc=f"stage {stage_index + 1} epoch {epoch}/{args.epochs}",
+                       disable=not (args.progress and main), dynamic_ncols=True)
+            started, seen = time.perf_counter(), 0
+            for step in bar:
+                indices = order[step * args.batch_size:(step + 1) * args.batch_size]
+                loss = self._step(model, optimizer, scheduler, loss_config, indices)
+                seen += len(indices)
+                running = loss if running is None else 0.9 * running + 0.1 * loss
+                bar.set_postfix(loss=f"{running:.4f}", samples_per_s=f"{seen / (time.perf_counter() - started):.1f}")
+                self.global_step += 1
+                if args.save_every_steps and self.global_step % args.save_every_steps == 0:
+                    self._save_state(optimizer, scheduler, (stage_index, epoch, step + 1), order, running)
+                if self.global_step == self.stop_after_steps:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            unwrapped = self.accelerator.unwrap_model(model)
+            outputs = collect_layer_outputs(unwrapped, self.dev, args.eval_batch_size, args.progress and main)
+            score, rows = self._score(outputs, stage.select_by)
+            record = {"stage": stage_index + 1, "epoch": epoch, "train_loss": running, "score": score,
+                      "seconds": time.perf_counter() - started, "layer_metrics": rows}
+            self.history.append(record)
+            self.accelerator.print(
+                f"stage {stage_index + 1} epoch {epoch}: loss {running:.4f}, dev {self.task.main_metric} by layer "
+                + " ".join(f"{main_metric(self.task, r):.3f}" for r in rows) + f" (selection score {score:.4f})")
+            if score > self.best_score:
+                self.best_score = score
+                self.best_state = copy.deepcopy(unwrapped.state_dict())
+                self._save(calibrate_policies=False)
+            self._save_state(optimizer, scheduler, (stage_index, epoch + 1, 0), [], None)
+        self.model.load_state_dict(self.best_state)
+
+    def _step(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, loss_config: LossConfig,
+              indices: list[int]) -> float:
+        """One optimizer step on a global batch, of which this process computes its share; the batch's mean loss."""
+        own, weight = process_share(indices, self.accelerator.process_index, self.accelerator.num_processes)
+        batch = Collator(self.model.tokenizer)([self.train_examples[i] for i in own])
+        labels = batch.pop("labels").to(self.accelerator.device)
+        output = model(**{k: v.to(self.accelerator.device) for k, v in batch.items()},
+                       with_prototypes=self.recipe.prototypes)
+        loss = weight * early_exit_loss(output.layers, labels, loss_config)
+        self.accelerator.backward(loss)
+        self.accelerator.clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        return self.accelerator.reduce(loss.detach(), "mean").item()
+
+    def _save_state(self, optimizer: torch.optim.Optimizer, scheduler, position: tuple[int, int, int],
+                    permutation: list[int], running_loss: float | None) -> None:
+        """Write the training state; position: (stage, epoch, step) of the next batch to train."""
+        rng = gather_object([capture_rng()])  # a collective: every process takes part, the main one writes
+        if not self.accelerator.is_main_process:
+            return
+        stage, epoch, step = position
+        state = TrainingState(
+            run=self.run.to_dict() if self.run else {}, examples=len(self.train_examples), stage=stage, epoch=epoch,
+            step=step, global_step=self.global_step, running_loss=running_loss, permutation=permutation,
+            model=self.model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+            best_score=self.best_score, best_model=self.best_state, history=self.history, rng=rng)
+        save_training_state(state, self.args.output_dir)
 
     def _save(self, calibrate_policies: bool) -> None:
         """Write the checkpoint; at the end of training, with per-layer metrics and calibrated policies."""
@@ -245,8 +381,9 @@ class Trainer:
             dev = collect_layer_outputs(self.model, self.dev, self.args.eval_batch_size, self.args.progress)
             config.training["layer_metrics"] = layer_metrics(dev, self.task)
             self._calibrate(dev)
-        self.model.save_pretrained(self.args.output_dir)
-        (Path(self.args.output_dir) / "training_history.json").write_text(json.dumps(self.history, indent=2))
+        self.model.save_pretrained(self.args.output_dir, keep=(STATE_DIR,))
+        write_file(Path(self.args.output_dir) / "training_history.json",
+                   lambda handle: handle.write(json.dumps(self.history, indent=2).encode()))
 
     def _calibrate(self, dev: LayerOutputs) -> None:
         """Calibrate the recipe's criterion (and the others it supports) on the calibration split."""
@@ -271,25 +408,54 @@ class Trainer:
 def train(task_name: str, backbone: str, args: TrainingArguments, data_dir: str | None = None,
           hub_dataset: str | None = None, heads: ExitHeadConfig | None = None) -> TrainResult:
     """The whole job: read the task's data, build the model on a backbone, train, calibrate, save."""
-    task, train_examples = load_split(task_name, "train", data_dir, hub_dataset)
-    _, dev_examples = load_split(task_name, "dev", data_dir, hub_dataset)
+    if state_path(args.output_dir).exists():
+        raise CheckpointError(
+            f"{args.output_dir} holds the training state of an unfinished run: continue it with `de3bert train "
+            f"--resume {args.output_dir}` (de3bert.training.resume), or delete {state_path(args.output_dir).parent}")
+    return _run(RunSpec(task_name, backbone, args, data_dir, hub_dataset, heads or ExitHeadConfig()))
+
+
+def resume(output_dir: str | Path, data_dir: str | None = None, progress: bool | None = None) -> TrainResult:
+    """Continue a stopped run from <output_dir>/training_state, with the arguments it was started with.
+
+    It ends with the weights the uninterrupted run would have reached. data_dir: where the task's data lies now,
+    if it moved. progress: show progress bars (None: as the run did).
+    """
+    state = load_training_state(output_dir)
+    if not state.run:
+        raise CheckpointError(f"the training state in {output_dir} was saved by a Trainer driven directly; "
+                              "continue it with Trainer(...).train(load_training_state(...))")
+    try:
+        run = RunSpec.from_dict(state.run)
+    except (TypeError, De3bertError) as exc:
+        raise CheckpointError(f"{state_path(output_dir)} holds arguments this de3bert cannot use: {exc}") from exc
+    args = replace(run.args, output_dir=str(output_dir), progress=run.args.progress if progress is None else progress)
+    process_state().print(f"resuming the run in {output_dir} after optimizer step {state.global_step}")
+    return _run(replace(run, args=args, data_dir=data_dir or run.data_dir), state)
+
+
+def _run(run: RunSpec, state: TrainingState | None = None) -> TrainResult:
+    """Read the task's data, build the model, and train it from the start or from `state`."""
+    args, processes = run.args, process_state()
+    task, train_examples = load_split(run.task, "train", run.data_dir, run.hub_dataset)
+    _, dev_examples = load_split(run.task, "dev", run.data_dir, run.hub_dataset)
     if args.max_train_samples:
         train_examples = subsample(train_examples, args.max_train_samples, args.seed)
     calibration_examples, train_examples = split_off(train_examples, args.calibration_fraction, args.seed)
-    recipe = RECIPES[args.recipe]
-    heads = heads or ExitHeadConfig()
-    if not recipe.prototypes:
-        heads = replace(heads, prototype_dim=0)
+    heads = run.heads if RECIPES[args.recipe].prototypes else replace(run.heads, prototype_dim=0)
     seed_everything(args.seed)
-    model = EarlyExitModel.from_backbone(backbone, task.name, list(task.labels), heads, args.max_length)
+    model = EarlyExitModel.from_backbone(run.backbone, task.name, list(task.labels), heads, args.max_length)
     encoded = {}
     for split, examples in (("train", train_examples), ("calibration", calibration_examples), ("dev", dev_examples)):
         encoded[split] = encode_examples(model.tokenizer, examples, args.max_length)
         truncated = sum(e.truncated for e in encoded[split])
         if truncated:
-            print(f"note: {truncated} of {len(examples)} {split} inputs were longer than {args.max_length} tokens "
-                  "and were truncated")
-    print(f"task {task.name}: {len(train_examples)} training, {len(calibration_examples)} calibration, "
-          f"{len(dev_examples)} dev examples; backbone {backbone} ({model.num_layers} layers); recipe {args.recipe}")
-    trainer = Trainer(model, args, task, encoded["train"], encoded["dev"], encoded["calibration"])
-    return trainer.train()
+            processes.print(f"note: {truncated} of {len(examples)} {split} inputs were longer than {args.max_length} "
+                            "tokens and were truncated")
+    processes.print(
+        f"task {task.name}: {len(train_examples)} training, {len(calibration_examples)} calibration, "
+        f"{len(dev_examples)} dev examples; backbone {run.backbone} ({model.num_layers} layers); recipe {args.recipe}"
+        + (f"; {processes.num_processes} processes, {args.batch_size} examples per step in all"
+           if processes.num_processes > 1 else ""))
+    trainer = Trainer(model, args, task, encoded["train"], encoded["dev"], encoded["calibration"], run)
+    return trainer.train(state)

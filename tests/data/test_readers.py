@@ -205,9 +205,14 @@ def test_read_table_pairs_given_labels_regression_and_prediction(tmp_path):
     ("t.jsonl", '{"text": 3, "label": 1}\n', {"text_column": "text"}, "line 1: text is int, expected text"),
     ("t.jsonl", '{"text": "a", "label": "x"}\n', {"text_column": "text", "labels": ()},
      "line 1: score 'x' is not a finite number"),
+    ("t.jsonl", '{"text": "a", "label": NaN}\n', {"text_column": "text", "labels": ()},
+     "line 1: score 'NaN' is not a finite number"),
+    ("t.csv", "text,label\na,1.5\nb,-inf\n", {"text_column": "text", "labels": ()},
+     "line 3: score '-inf' is not a finite number"),
     ("t.csv", "text,label\nhi,\n", {"text_column": "text"}, "line 2: label column 'label' is empty"),
     ("t.csv", "text,label\n", {"text_column": "text"}, "has no rows"),
     ("t.csv", "", {"text_column": "text"}, "file is empty, expected a header row"),
+    ("t.jsonl", "\n", {"text_column": "text"}, "has no rows"),
     ("t.txt", "x", {"text_column": "text"}, "unsupported file type '.txt'"),
 ])
 def test_read_table_errors(tmp_path, name, content, kwargs, problem):
@@ -216,6 +221,18 @@ def test_read_table_errors(tmp_path, name, content, kwargs, problem):
     with pytest.raises(DataError) as err:
         read_table(path, **kwargs)
     assert str(path) in str(err.value) and problem in str(err.value)
+
+
+@pytest.mark.parametrize("name, content, line", [
+    ("t.csv", b"text,label\ngood,1\ncaf\xe9,1\n", 3),
+    ("t.tsv", b"text\tlabel\ncaf\xe9\t1\n", 2),
+    ("t.jsonl", b'{"text": "good", "label": 1}\n{"text": "caf\xe9", "label": 1}\n', 2),
+])
+def test_read_table_non_utf8_names_the_line(tmp_path, name, content, line):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=f"{name}: line {line} is not valid UTF-8 .*save the file as UTF-8"):
+        read_table(path, "text")
 
 
 def test_read_table_missing_file(tmp_path):

@@ -34,6 +34,10 @@ def encode_examples(tokenizer, examples: Sequence[Example], max_length: int) -> 
     """Tokenize examples (as pairs where text_b is set), truncated to max_length and flagged when cut; no padding."""
     if not examples:
         return []
+    for index, example in enumerate(examples):
+        for name, text in (("text", example.text_a), ("text pair", example.text_b)):
+            if text is not None and not text.strip():
+                raise DataError(f"input {index}: {name} is empty; there is nothing to classify")
     full = _tokenize(tokenizer, examples, truncation=False, verbose=False)
     long = [i for i, ids in enumerate(full["input_ids"]) if len(ids) > max_length]
     # Only the inputs that overflow are tokenized a second time, with the tokenizer's own truncation strategy.
