@@ -9,14 +9,14 @@ train and measured on dev:
     deebert model: DeeBERT (entropy)
 
 Resumable: trained checkpoints are cached under results/cache/tradeoff/, every finished run writes
-results/glue_tradeoff/runs/<run>.json and is skipped next time; results/glue_tradeoff/progress.json
-says what is done. `--report` only aggregates (mean ± std over seeds) into summary.json, table.md
-and one PNG per task.
+results/glue_tradeoff/<plan>/runs/<run>.json and is skipped next time; <plan>/progress.json says
+what is done. Each plan's results are aggregated (mean ± std over seeds) into <plan>/summary.json,
+table.md and one PNG per task; `--report` only aggregates.
 
     .venv/bin/python benchmarks/glue_tradeoff.py --plan main        # MiniLM-L6 on SST-2, RTE, CoLA
     .venv/bin/python benchmarks/glue_tradeoff.py --plan mpnet       # MPNet-12 on RTE and SST-2
-    .venv/bin/python benchmarks/glue_tradeoff.py --plan ablations   # DE³ variants on SST-2
-    .venv/bin/python benchmarks/glue_tradeoff.py --report
+    .venv/bin/python benchmarks/glue_tradeoff.py --plan ablations   # DE³ variants on 4,000 SST-2 sentences
+    .venv/bin/python benchmarks/glue_tradeoff.py --plan main --report
 """
 
 from __future__ import annotations
@@ -87,7 +87,9 @@ def plan(name: str) -> list[Run]:
         variants = {"no-proto-loss": {"alpha": 0.0}, "no-dar": {"beta": 0.0}, "cosine": {"distance": "cosine"},
                     "dim64": {"prototype_dim": 64}, "cls-pooling": {"pooling": "cls"},
                     "paper-heads": {"pooling": "cls", "head_learning_rate": None}}
-        return [Run("sst2", "minilm-l6", "de3", 42, v, o) for v, o in variants.items()]
+        # on a 4,000-sentence subsample (half the main plan's) to fit the machine; "reference" is the unchanged recipe
+        return [Run("sst2", "minilm-l6", "de3", 42, v, {"max_train_samples": 4000, **o})
+                for v, o in {"reference": {}, **variants}.items()]
     raise SystemExit(f"unknown plan '{name}'; choose main, mpnet or ablations")
 
 
@@ -99,9 +101,9 @@ def trained_checkpoint(run: Run, data_dir: str | None, learning_rate: float) -> 
         return folder
     head_keys = ("prototype_dim", "distance", "pooling")
     heads = ExitHeadConfig(**{k: v for k, v in run.overrides.items() if k in head_keys})
+    settings = TASK_SETTINGS[run.task] | {k: v for k, v in run.overrides.items() if k not in head_keys}
     args = TrainingArguments(output_dir=str(folder), recipe=run.recipe, seed=run.seed, learning_rate=learning_rate,
-                             progress=False, **TASK_SETTINGS[run.task],
-                             **{k: v for k, v in run.overrides.items() if k not in head_keys})
+                             progress=False, **settings)
     train(run.task, run.backbone, args, data_dir, heads=heads)
     return folder
 
@@ -127,19 +129,19 @@ def evaluate_run(run: Run, folder: Path, data_dir: str | None) -> dict:
     return report
 
 
-def execute(runs: list[Run], data_dir: str | None, learning_rate: float) -> None:
-    """Train and evaluate every run not finished yet, recording progress after each."""
-    (RESULTS / "runs").mkdir(parents=True, exist_ok=True)
+def execute(runs: list[Run], folder: Path, data_dir: str | None, learning_rate: float) -> None:
+    """Train and evaluate every run not finished yet, recording progress in folder after each."""
+    (folder / "runs").mkdir(parents=True, exist_ok=True)
     for index, run in enumerate(runs, 1):
-        target = RESULTS / "runs" / f"{run.name}.json"
+        target = folder / "runs" / f"{run.name}.json"
         if not target.exists():
             print(f"[{index}/{len(runs)}] {run.name}", flush=True)
             report = evaluate_run(run, trained_checkpoint(run, data_dir, learning_rate), data_dir)
             staging = target.with_suffix(".tmp")
             staging.write_text(json.dumps(report, indent=2))
             staging.replace(target)
-        done = [r.name for r in runs if (RESULTS / "runs" / f"{r.name}.json").exists()]
-        (RESULTS / "progress.json").write_text(json.dumps(
+        done = [r.name for r in runs if (folder / "runs" / f"{r.name}.json").exists()]
+        (folder / "progress.json").write_text(json.dumps(
             {"planned": [r.name for r in runs], "done": done, "remaining": len(runs) - len(done)}, indent=2))
 
 
@@ -148,9 +150,9 @@ def _mean_std(values: list[float]) -> dict:
             "n": len(values)}
 
 
-def aggregate() -> dict:
-    """Mean ± std over seeds of every (backbone, task, variant, method, target) cell, from the run files."""
-    reports = [json.loads(p.read_text()) for p in sorted((RESULTS / "runs").glob("*.json"))]
+def aggregate(folder: Path) -> dict:
+    """Mean ± std over seeds of every (backbone, task, variant, method, target) cell, from folder's run files."""
+    reports = [json.loads(p.read_text()) for p in sorted((folder / "runs").glob("*.json"))]
     cells: dict[tuple, dict[str, list[float]]] = {}
     for report in reports:
         base = (report["backbone"], report["task"], report["variant"])
@@ -173,8 +175,8 @@ def aggregate() -> dict:
                for (b, t, v, m, s), c in sorted(cells.items())]
     separation = {}
     for report in reports:
-        if "separation" in report and not report["variant"]:
-            key = f"{report['backbone']}-{report['task']}"
+        if "separation" in report:
+            key = "-".join(filter(None, (report["backbone"], report["task"], report["variant"])))
             for criterion, scores in report["separation"].items():
                 separation.setdefault(key, {}).setdefault(criterion, []).append(scores)
     auroc = {key: {c: [statistics.fmean(v) if (v := [s[m] for s in runs if s[m] is not None]) else None
@@ -237,28 +239,52 @@ def plot_task(summary: dict, backbone: str, task: str, path: Path) -> None:
     plt.close(figure)
 
 
-def report() -> None:
-    """Aggregate the finished runs into summary.json, table.md and per-task PNGs."""
-    summary = aggregate()
-    (RESULTS / "summary.json").write_text(json.dumps(summary, indent=2))
-    (RESULTS / "table.md").write_text(markdown_table(summary))
-    for backbone, task in sorted({(r["backbone"], r["task"]) for r in summary["cells"]}):
-        plot_task(summary, backbone, task, RESULTS / f"{backbone}-{task}.png")
-    print(markdown_table(summary))
+def ablation_table(summary: dict) -> str:
+    """One row per DE³ variant: EDR and entropy at each calibrated speed-up, full depth, mean AUROC of both."""
+    variants = sorted({(r["backbone"], r["task"], r["variant"]) for r in summary["cells"] if r["variant"]})
+    if not variants:
+        return ""
+    targets = [f"{method} {t:g}x" for method in ("EDR", "entropy") for t in TARGET_SPEEDUPS]
+    lines = ["\n**DE³ variants** — dev metric ×100 (measured speed-up); AUROC averaged over layers\n",
+             "| backbone / task / variant | " + " | ".join(targets) + " | full depth | AUROC EDR | AUROC entropy |",
+             "|---|" + "---|" * (len(targets) + 3)]
+    for backbone, task, variant in variants:
+        cells = [_cell(summary, backbone, task, method, t, variant)
+                 for method in ("DE³ (EDR)", "entropy on DE³") for t in TARGET_SPEEDUPS]
+        cells.append(_cell(summary, backbone, task, "full depth (de3)", 1.0, variant).split(" (")[0])
+        scores = summary["auroc"].get(f"{backbone}-{task}-{variant}", {})
+        for criterion in ("edr", "entropy"):
+            values = [v for v in scores.get(criterion, []) if v is not None]
+            cells.append(f"{statistics.fmean(values):.3f}" if values else "–")
+        lines.append(f"| {backbone} / {task} / {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def report(folder: Path) -> None:
+    """Aggregate folder's finished runs into summary.json, table.md and per-task PNGs."""
+    summary = aggregate(folder)
+    table = markdown_table(summary) + ablation_table(summary)
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+    (folder / "table.md").write_text(table)
+    for backbone, task in sorted({(r["backbone"], r["task"]) for r in summary["cells"] if not r["variant"]}):
+        plot_task(summary, backbone, task, folder / f"{backbone}-{task}.png")
+    print(table)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--plan", choices=["main", "mpnet", "ablations"], help="runs to train and evaluate")
+    parser.add_argument("--plan", choices=["main", "mpnet", "ablations"], required=True,
+                        help="runs to train and evaluate; results go to results/glue_tradeoff/<plan>/")
     parser.add_argument("--tasks", nargs="+", help="restrict the plan to these tasks")
     parser.add_argument("--learning-rate", type=float, default=5e-5, help="peak backbone learning rate")
     parser.add_argument("--data-dir", help="GLUE folder (default: $GLUE_DIR, else ../shared/data/glue)")
     parser.add_argument("--report", action="store_true", help="only aggregate finished runs")
     args = parser.parse_args()
-    if args.plan and not args.report:
+    folder = RESULTS / args.plan
+    if not args.report:
         runs = [r for r in plan(args.plan) if not args.tasks or r.task in args.tasks]
-        execute(runs, args.data_dir, args.learning_rate)
-    report()
+        execute(runs, folder, args.data_dir, args.learning_rate)
+    report(folder)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Trains the needed checkpoints once (cached under results/cache/), then times every system side by
 side for each (backbone, task) pair and writes results/wallclock/<backbone>-<task>.json and .png
-plus a summary table results/wallclock/summary.json.
+plus results/wallclock/summary.json and the markdown table results/wallclock/table.md.
 
     .venv/bin/python benchmarks/wallclock.py                       # MiniLM-L6 on SST-2 and RTE
     .venv/bin/python benchmarks/wallclock.py --backbones minilm-l6 mpnet-base
@@ -34,6 +34,30 @@ def checkpoint(backbone: str, task: str, data_dir: str | None) -> Path:
     return folder
 
 
+def _ratio(row: dict, mode: str) -> str:
+    """'wall (layer, wall/layer)' for one mode, or just the wall-clock speed-up for systems without exits."""
+    wall = row[f"wallclock_speedup_{mode}"]
+    layer = row.get(f"layer_speedup_{mode}")
+    if layer is None or layer == 1.0:
+        return f"{wall:.2f}x"
+    return f"{wall:.2f}x ({layer:.2f}x, {wall / layer:.2f})"
+
+
+def markdown_table(summary: list[dict]) -> str:
+    """Per (backbone, task): latency and wall-clock speed-ups next to layer speed-ups, every system."""
+    lines = []
+    for backbone, task in dict.fromkeys((r["backbone"], r["task"]) for r in summary):
+        lines += [f"\n**{backbone} / {task}** — wall-clock speed-up over plain HF (layer speed-up, wall/layer)\n",
+                  "| system | p50 ms | p95 ms | batch 1 | batch 32 | pools of 256 |", "|---|---|---|---|---|---|"]
+        for row in (r for r in summary if (r["backbone"], r["task"]) == (backbone, task)):
+            pooled = row.get("layer_speedup_batched")
+            pooled = "" if pooled is None or pooled == 1.0 else f" ({pooled:.2f}x, {row['wallclock_speedup_pooled'] / pooled:.2f})"
+            lines.append(f"| {row['system']} | {row['latency_p50_ms']:.1f} | {row['latency_p95_ms']:.1f} | "
+                         f"{_ratio(row, 'batch1')} | {_ratio(row, 'batched')} | "
+                         f"{row['wallclock_speedup_pooled']:.2f}x{pooled} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbones", nargs="+", default=["minilm-l6"], help="backbones to time")
@@ -60,6 +84,8 @@ def main() -> None:
                 summary.append({"backbone": backbone, "task": task, **{k: v for k, v in row.items() if k != "policy"}})
                 print(json.dumps(summary[-1]))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "table.md").write_text(markdown_table(summary))
+    print(markdown_table(summary))
 
 
 if __name__ == "__main__":

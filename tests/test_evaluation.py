@@ -4,7 +4,8 @@ import torch
 from de3bert.data import get_task
 from de3bert.errors import PolicyError
 from de3bert.evaluation import (LayerOutputs, calibrate, calibrated_table, candidate_policies, evaluate_policy,
-                                indicator_auroc, layer_metrics, oracle, sweep)
+                                _most_conservative, indicator_auroc, layer_metrics, oracle, sweep)
+from de3bert.policies import ExitPolicy
 
 SST2 = get_task("sst2")
 
@@ -53,6 +54,12 @@ def test_calibrate_picks_most_conservative_threshold_reaching_target():
 def test_calibrate_unreachable_target_names_reachable_range():
     with pytest.raises(PolicyError, match=r"reachable range is 1\.00x to 3\.00x"):
         calibrate("entropy", three_layer_outputs(), SST2, 5.0)
+
+
+def test_unreachable_target_range_is_rounded_inwards():
+    scored = [(1.004, ExitPolicy("entropy", 0.1)), (2.996, ExitPolicy("entropy", 0.9))]
+    with pytest.raises(PolicyError, match=r"reachable range is 1\.01x to 2\.99x"):
+        _most_conservative(scored, "entropy", 3.0)
 
 
 def test_calibrated_table_reports_errors_per_row():

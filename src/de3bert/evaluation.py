@@ -7,6 +7,7 @@ on `simulate_exits`, the same decision code the inference engine runs.
 from __future__ import annotations
 
 import csv
+import math
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,7 +147,8 @@ def _scored_candidates(criterion: str, outputs: LayerOutputs, **grid) -> list[tu
 def _most_conservative(scored: list[tuple[float, ExitPolicy]], criterion: str, target_speedup: float) -> ExitPolicy:
     reaching = [(s, p) for s, p in scored if s >= target_speedup - 1e-9]
     if not reaching:
-        low, high = min(s for s, _ in scored), max(s for s, _ in scored)
+        # rounded inwards, so that a fastest 2.996x does not read as "up to 3.00x" next to "cannot reach 3x"
+        low, high = math.ceil(100 * min(s for s, _ in scored)) / 100, math.floor(100 * max(s for s, _ in scored)) / 100
         raise PolicyError(
             f"criterion '{criterion}' cannot reach a layer speed-up of {target_speedup:g}x on this model; "
             f"reachable range is {low:.2f}x to {high:.2f}x"

@@ -1,0 +1,157 @@
+"""Why does (or doesn't) the distance ratio help? Per-layer analysis of the exit indicators of a DE³ checkpoint.
+
+For every exit layer, on the dev split (fits use the held-out calibration slice of train only):
+
+- AUROC against correctness of entropy, DR and EDR (λ = 0.5, 1, 2): how well each separates right
+  from wrong answers (0.5 = not at all);
+- the *best any fusion could do*: a logistic regression on (entropy, DR, log r1/r2) fitted on the
+  calibration slice and scored on dev — if even that does not beat entropy alone, the prototype
+  distances carry no extra information about correctness and no way of fusing them can help;
+- the scales of the two parts (medians of Ent and DR): the harmonic mean in EDR follows its smaller
+  argument, so a DR that sits near 0 for most inputs makes EDR a copy of DR;
+- prototype geometry: how often the classifier and the nearest prototype disagree, the accuracy on
+  those inputs, and the distance between prototypes relative to the distance to the own prototype.
+
+    .venv/bin/python benchmarks/indicator_analysis.py --checkpoint sst2=runs/demo-sst2 --checkpoint rte=runs/rte-de3
+
+Writes results/indicators/<name>.json and .png per checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from sklearn.linear_model import LogisticRegression  # noqa: E402
+from sklearn.metrics import roc_auc_score  # noqa: E402
+
+from de3bert.data import encode_examples, load_split  # noqa: E402
+from de3bert.evaluation import LayerOutputs, calibration_examples, collect_layer_outputs  # noqa: E402
+from de3bert.heads import prototype_distances  # noqa: E402
+from de3bert.modeling import EarlyExitModel  # noqa: E402
+from de3bert.policies import distance_ratio, hybrid_indicator, normalized_entropy  # noqa: E402
+
+RESULTS = Path("results") / "indicators"
+LAMBDAS = (0.5, 1.0, 2.0)
+
+
+def layer_features(outputs: LayerOutputs, layer: int) -> dict[str, np.ndarray]:
+    """Entropy, DR, log(r1/r2) and correctness of every sample at one exit."""
+    probs = outputs.logits[layer].softmax(-1)
+    distances = outputs.distances[layer].clamp_min(1e-12)
+    predicted = probs.argmax(-1, keepdim=True)
+    r1 = distances.gather(-1, predicted).squeeze(-1)
+    r2 = distances.scatter(-1, predicted, float("inf")).min(-1).values
+    return {"entropy": normalized_entropy(probs).numpy(), "dr": distance_ratio(probs, distances).numpy(),
+            "log_ratio": torch.log(r1 / r2).numpy(), "nearest": distances.argmin(-1).numpy(),
+            "predicted": predicted.squeeze(-1).numpy(),
+            "correct": (predicted.squeeze(-1) == outputs.labels).numpy()}
+
+
+def _auroc(correct: np.ndarray, uncertainty: np.ndarray) -> float | None:
+    """AUROC of −uncertainty against correctness (None when one class is absent)."""
+    if correct.all() or not correct.any():
+        return None
+    return float(roc_auc_score(correct, -uncertainty))
+
+
+def _fusion_auroc(calibration: dict, dev: dict) -> float | None:
+    """AUROC on dev of a logistic fusion of (Ent, DR, log r1/r2) fitted on the calibration slice."""
+    columns = ("entropy", "dr", "log_ratio")
+    fit_x = np.stack([calibration[c] for c in columns], 1)
+    if calibration["correct"].all() or not calibration["correct"].any():
+        return None
+    fusion = LogisticRegression(max_iter=1000).fit(fit_x, calibration["correct"])
+    certainty = fusion.predict_proba(np.stack([dev[c] for c in columns], 1))[:, 1]
+    return _auroc(dev["correct"], -certainty)
+
+
+def analyse(model: EarlyExitModel, calibration: LayerOutputs, dev: LayerOutputs) -> list[dict]:
+    """Per-layer separation, scales and prototype geometry."""
+    rows = []
+    for layer, head in enumerate(model.heads):
+        cal, ev = layer_features(calibration, layer), layer_features(dev, layer)
+        entropy, ratio = torch.from_numpy(ev["entropy"]), torch.from_numpy(ev["dr"])
+        prototypes = head.prototypes.detach().float()
+        between = prototype_distances(prototypes, prototypes, head.distance)
+        own = dev.distances[layer].gather(-1, dev.labels.unsqueeze(-1)).squeeze(-1)
+        disagree = ev["nearest"] != ev["predicted"]
+        row = {"layer": layer + 1, "accuracy": float(ev["correct"].mean()),
+               "auroc": {"entropy": _auroc(ev["correct"], ev["entropy"]), "dr": _auroc(ev["correct"], ev["dr"]),
+                         **{f"edr λ={lam:g}": _auroc(ev["correct"], hybrid_indicator(entropy, ratio, lam).numpy())
+                            for lam in LAMBDAS},
+                         "best fusion (fitted)": _fusion_auroc(cal, ev)},
+               "median_entropy": float(np.median(ev["entropy"])), "median_dr": float(np.median(ev["dr"])),
+               "edr_follows_dr": float(np.mean(ev["dr"] < ev["entropy"])),
+               "disagreement_rate": float(disagree.mean()),
+               "accuracy_when_disagreeing": float(ev["correct"][disagree].mean()) if disagree.any() else None,
+               "prototype_separation": float(between[~torch.eye(len(prototypes), dtype=torch.bool)].mean()
+                                             / own.mean().clamp_min(1e-12))}
+        rows.append(row)
+    return rows
+
+
+def plot(rows: list[dict], title: str, path: Path) -> None:
+    """AUROC per layer of each indicator."""
+    figure, axis = plt.subplots(figsize=(6.5, 4.2))
+    layers = [r["layer"] for r in rows]
+    for name in rows[0]["auroc"]:
+        values = [r["auroc"][name] if r["auroc"][name] is not None else np.nan for r in rows]
+        axis.plot(layers, values, marker="o", label=name, linestyle="--" if "fusion" in name else "-")
+    axis.axhline(0.5, color="grey", linewidth=0.8)
+    axis.set_xlabel("exit layer")
+    axis.set_ylabel("AUROC (indicator vs correct)")
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def run(name: str, checkpoint: Path, data_dir: str | None) -> dict:
+    """Analyse one checkpoint on its task's dev split and write JSON + PNG."""
+    model = EarlyExitModel.from_pretrained(checkpoint)
+    task_name = model.config.task
+    _, dev_examples = load_split(task_name, "dev", data_dir)
+    encode = lambda examples: encode_examples(model.tokenizer, examples, model.config.max_length)  # noqa: E731
+    dev = collect_layer_outputs(model, encode(dev_examples))
+    calibration = collect_layer_outputs(model, encode(calibration_examples(model, task_name, data_dir, None)[1]))
+    if dev.distances is None:
+        raise SystemExit(f"{checkpoint}: the model has no prototypical networks to analyse")
+    rows = analyse(model, calibration, dev)
+    report = {"checkpoint": str(checkpoint), "task": task_name, "backbone": model.config.backbone, "layers": rows,
+              "mean_auroc": {k: statistics.fmean(v for r in rows if (v := r["auroc"][k]) is not None)
+                             for k in rows[0]["auroc"]}}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=2))
+    plot(rows, f"{model.config.backbone} / {task_name}: indicator separation", RESULTS / f"{name}.png")
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", action="append", required=True, metavar="NAME=DIR",
+                        help="a DE³ checkpoint to analyse, named for the output files (repeatable)")
+    parser.add_argument("--data-dir", help="GLUE folder (default: $GLUE_DIR, else ../shared/data/glue)")
+    args = parser.parse_args()
+    for spec in args.checkpoint:
+        name, _, folder = spec.partition("=")
+        report = run(name, Path(folder), args.data_dir)
+        print(f"{name}: mean AUROC over layers " + ", ".join(f"{k} {v:.3f}" for k, v in report["mean_auroc"].items()))
+        for row in report["layers"]:
+            print(f"  layer {row['layer']}: acc {row['accuracy']:.3f}  median Ent {row['median_entropy']:.3f} "
+                  f"DR {row['median_dr']:.3f}  EDR follows DR {row['edr_follows_dr']:.0%}  "
+                  f"disagree {row['disagreement_rate']:.1%}  separation {row['prototype_separation']:.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""The indicator analysis script: per-layer separation, scales and prototype geometry of a DE³ checkpoint."""
+
+import json
+
+import pytest
+
+from benchmarks import indicator_analysis
+from de3bert.evaluation import indicator_auroc
+
+
+def test_analysis_agrees_with_the_library_auroc_and_writes_results(tiny_checkpoint, glue_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(indicator_analysis, "RESULTS", tmp_path)
+    report = indicator_analysis.run("tiny", tiny_checkpoint, str(glue_dir))
+    written = json.loads((tmp_path / "tiny.json").read_text())
+    assert written["layers"] == report["layers"] and len(report["layers"]) == 4
+    assert (tmp_path / "tiny.png").stat().st_size > 10_000
+
+    from de3bert.data import encode_examples, load_split
+    from de3bert.evaluation import collect_layer_outputs
+    from de3bert.modeling import EarlyExitModel
+    model = EarlyExitModel.from_pretrained(tiny_checkpoint)
+    dev = collect_layer_outputs(model, encode_examples(model.tokenizer, load_split("sst2", "dev", str(glue_dir))[1],
+                                                       model.config.max_length))
+    for criterion, key in (("edr", "edr λ=1"), ("entropy", "entropy"), ("dr", "dr")):
+        expected = indicator_auroc(criterion, dev)
+        got = [row["auroc"][key] for row in report["layers"]]
+        assert got == pytest.approx(expected, abs=1e-9)
+    for row in report["layers"]:
+        assert 0.0 <= row["median_dr"] <= 1.0 and 0.0 <= row["median_entropy"] <= 1.0
+        assert 0.0 <= row["disagreement_rate"] <= 1.0 and row["prototype_separation"] > 0
