@@ -128,12 +128,12 @@ def run(name: str, checkpoint: Path, data_dir: str | None) -> dict:
     if dev.distances is None:
         raise SystemExit(f"{checkpoint}: the model has no prototypical networks to analyse")
     rows = analyse(model, calibration, dev)
-    report = {"checkpoint": str(checkpoint), "task": task_name, "backbone": model.config.backbone, "layers": rows,
+    report = {"checkpoint": str(checkpoint), "task": task_name, "backbone": model.config.backbone_name, "layers": rows,
               "mean_auroc": {k: statistics.fmean(v for r in rows if (v := r["auroc"][k]) is not None)
                              for k in rows[0]["auroc"]}}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=2))
-    plot(rows, f"{model.config.backbone} / {task_name}: indicator separation", RESULTS / f"{name}.png")
+    plot(rows, f"{model.config.backbone_name} / {task_name}: indicator separation", RESULTS / f"{name}.png")
     return report
 
 

@@ -5,7 +5,9 @@ import json
 import pytest
 
 from benchmarks import indicator_analysis
-from de3bert.evaluation import indicator_auroc
+from de3bert.data import encode_examples, load_split
+from de3bert.evaluation import collect_layer_outputs, indicator_auroc
+from de3bert.modeling import EarlyExitModel
 
 
 def test_analysis_agrees_with_the_library_auroc_and_writes_results(tiny_checkpoint, glue_dir, tmp_path, monkeypatch):
@@ -13,11 +15,9 @@ def test_analysis_agrees_with_the_library_auroc_and_writes_results(tiny_checkpoi
     report = indicator_analysis.run("tiny", tiny_checkpoint, str(glue_dir))
     written = json.loads((tmp_path / "tiny.json").read_text())
     assert written["layers"] == report["layers"] and len(report["layers"]) == 4
+    assert written["backbone"] == EarlyExitModel.from_pretrained(tiny_checkpoint).config.backbone_name
     assert (tmp_path / "tiny.png").stat().st_size > 10_000
 
-    from de3bert.data import encode_examples, load_split
-    from de3bert.evaluation import collect_layer_outputs
-    from de3bert.modeling import EarlyExitModel
     model = EarlyExitModel.from_pretrained(tiny_checkpoint)
     dev = collect_layer_outputs(model, encode_examples(model.tokenizer, load_split("sst2", "dev", str(glue_dir))[1],
                                                        model.config.max_length))
