@@ -268,6 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `de3bert` console script."""
     args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging  # imported here so `--help` stays instant
+
+    # --no-progress also silences transformers' own "Loading weights" bar
+    (hf_logging.disable_progress_bar if getattr(args, "no_progress", False) else hf_logging.enable_progress_bar)()
     try:
         args.func(args)
     except De3bertError as exc:
