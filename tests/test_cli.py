@@ -77,6 +77,16 @@ def test_every_option_has_help():
                 assert option.help, f"{action.prog} {option.dest} has no help"
 
 
+def test_help_states_each_default_once_and_never_none():
+    parser = build_parser()
+    for action in parser._subparsers._group_actions[0].choices.values():
+        text = " ".join(action.format_help().split())
+        assert "(default: None)" not in text, action.prog
+        assert "(default: the checkpoint's) (default:" not in text, action.prog
+    bench = parser._subparsers._group_actions[0].choices["bench"].format_help()
+    assert "(default: 32)" in bench  # a real default is still shown
+
+
 def test_training_counts_truncated_inputs(tiny_backbone_dir, glue_dir, tmp_path, capsys):
     code = main(["train", "--task", "sst2", "--model", str(tiny_backbone_dir), "--output", str(tmp_path / "ckpt"),
                  "--epochs", "1", "--max-length", "6", "--max-train-samples", "40", "--data-dir", str(glue_dir),

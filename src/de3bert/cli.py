@@ -159,6 +159,16 @@ def _add_policy_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--lam", type=float, default=1.0, help="λ of the hybrid indicator EDR")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends each option's default to its help, unless it has none or the help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        """The option's help, with its default where that adds something."""
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `de3bert` command."""
     parser = argparse.ArgumentParser(prog="de3bert", description=(
@@ -166,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="fine-tune an early-exit model on a task",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=HelpFormatter)
     train.add_argument("--task", help="GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli (required)")
     train.add_argument("--model", default="minilm-l6",
                        help="backbone: minilm-l6 (embedded), mpnet-base (12 layers), a local folder or hub id")
@@ -206,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     evaluate = sub.add_parser("evaluate", help="per-layer metrics, oracle, threshold sweeps, calibration, plot",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              formatter_class=HelpFormatter)
     evaluate.add_argument("checkpoint", help="checkpoint folder written by `de3bert train`")
     evaluate.add_argument("--task", help="task to evaluate on (default: the checkpoint's)")
     evaluate.add_argument("--output", help="folder for evaluation.json, sweeps.csv, calibrated.csv, tradeoff.png "
@@ -218,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=cmd_evaluate)
 
     predict = sub.add_parser("predict", help="classify a text (or text pair) with early exiting",
-                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                             formatter_class=HelpFormatter)
     predict.add_argument("checkpoint", help="checkpoint folder")
     predict.add_argument("--text", help="the text to classify")
     predict.add_argument("--text-pair", help="second text, for pair tasks (RTE, MRPC, QNLI, ...)")
@@ -231,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_policy_options(predict)
     predict.set_defaults(func=cmd_predict)
     bench = sub.add_parser("bench", help="measured wall-clock speed-up: plain HF vs full depth vs early exit",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=HelpFormatter)
     bench.add_argument("checkpoint", help="checkpoint folder")
     bench.add_argument("--task", help="task whose data is timed (default: the checkpoint's)")
     bench.add_argument("--split", default="dev", help="split to time")
@@ -249,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-progress", action="store_true", help="no progress bars")
     bench.set_defaults(func=cmd_bench)
     serve = sub.add_parser("serve", help="HTTP prediction service (FastAPI on uvicorn) with micro-batching",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=HelpFormatter)
     serve.add_argument("checkpoint", help="checkpoint folder")
     serve.add_argument("--host", default="127.0.0.1", help="interface to listen on")
     serve.add_argument("--port", type=int, default=8000, help="TCP port")
