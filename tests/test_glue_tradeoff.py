@@ -15,6 +15,10 @@ def test_plans_cover_every_recipe_and_seed():
     assert {r.seed for r in main if r.task == "rte"} == {42, 43, 44}
     assert len({r.name for r in main}) == len(main)
     assert all(r.recipe == "de3" and r.variant for r in plan("ablations"))
+    mpnet = plan("mpnet")
+    assert {(r.task, r.recipe) for r in mpnet} == {(t, m) for t in ("sst2", "rte") for m in ("de3", "pabee", "deebert")}
+    assert all(r.backbone == "mpnet-base" for r in mpnet)
+    assert {r.overrides["max_train_samples"] for r in mpnet if r.task == "sst2"} == {2000}  # subsampled, said in docs
 
 
 def test_evaluate_run_and_aggregate_over_seeds(tiny_checkpoint, glue_dir, tmp_path):
