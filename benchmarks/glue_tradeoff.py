@@ -55,7 +55,7 @@ TASK_SETTINGS = {
     "rte": dict(epochs=3, max_length=128),
     "cola": dict(epochs=3, max_length=64),
 }
-# MPNet-12 is ~8x MiniLM-L6's compute: one epoch on a 2,000-sentence SST-2 subsample (~25 min for the three recipes).
+# MPNet-12 is ~6x slower than MiniLM-L6 here: one epoch on a 2,000-sentence SST-2 subsample (~20 min for three recipes).
 MPNET_BUDGETS = {"sst2": {"max_train_samples": 2000, "epochs": 1}, "rte": {"epochs": 2}}
 
 
