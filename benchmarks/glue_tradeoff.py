@@ -8,6 +8,10 @@ train and measured on dev:
     pabee model:   PABEE (patience), PCEE (entropy + patience)
     deebert model: DeeBERT (entropy)
 
+STS-B is regression: prototypes (and so EDR, DR and entropy) are undefined there, which makes the
+de3 recipe the pabee one (joint, linearly weighted MSE). The stsb plan trains pabee and deebert
+and exits both with patience on the regression output (|Δ score| < τ for 2 layers).
+
 Resumable: trained checkpoints are cached under results/cache/tradeoff/, every finished run writes
 results/glue_tradeoff/<plan>/runs/<run>.json and is skipped next time; <plan>/progress.json says
 what is done. Each plan's results are aggregated (mean ± std over seeds) into <plan>/summary.json,
@@ -16,6 +20,7 @@ table.md and one PNG per task; `--report` only aggregates.
     .venv/bin/python benchmarks/glue_tradeoff.py --plan main        # MiniLM-L6 on SST-2, RTE, CoLA
     .venv/bin/python benchmarks/glue_tradeoff.py --plan mpnet --tasks sst2   # MPNet-12 (RTE: several hours)
     .venv/bin/python benchmarks/glue_tradeoff.py --plan ablations   # DE³ variants on 4,000 SST-2 sentences
+    .venv/bin/python benchmarks/glue_tradeoff.py --plan stsb        # MiniLM-L6 on STS-B (regression)
     .venv/bin/python benchmarks/glue_tradeoff.py --plan main --report
 """
 
@@ -40,20 +45,31 @@ from de3bert.training import TrainingArguments, train  # noqa: E402
 
 RESULTS = Path("results") / "glue_tradeoff"
 CACHE = Path("results") / "cache" / "tradeoff"
-# (method label, criterion, λ) evaluated on each recipe's model
+# (method label, criterion, policy options) evaluated on each recipe's model; PCEE and regression patience
+# default to patience t = 2
 METHODS = {
-    "de3": [("DE³ (EDR)", "edr", 1.0), ("DE³ (EDR, λ=0.5)", "edr", 0.5), ("DE³ (EDR, λ=2)", "edr", 2.0),
-            ("entropy on DE³", "entropy", 1.0), ("DR only on DE³", "dr", 1.0), ("patience on DE³", "patience", 1.0)],
-    "pabee": [("PABEE", "patience", 1.0), ("PCEE", "pcee", 1.0)],
-    "deebert": [("DeeBERT", "entropy", 1.0)],
+    "de3": [("DE³ (EDR)", "edr", {}), ("DE³ (EDR, λ=0.5)", "edr", {"lam": 0.5}), ("DE³ (EDR, λ=2)", "edr", {"lam": 2.0}),
+            ("entropy on DE³", "entropy", {}), ("DR only on DE³", "dr", {}), ("patience on DE³", "patience", {})],
+    "pabee": [("PABEE", "patience", {}), ("PCEE", "pcee", {})],
+    "deebert": [("DeeBERT", "entropy", {})],
 }
-HEADLINE = ("DE³ (EDR)", "DeeBERT", "PABEE", "PCEE", "entropy on DE³")
+# regression: the de3 recipe equals pabee (no prototypes), so only pabee and deebert are trained
+# (t = 2 cannot exit before layer 3, so it cannot reach 3x on 6 layers; t = 1 can)
+REGRESSION_METHODS = {
+    "pabee": [("PABEE (regression patience t=2)", "regression-patience", {}),
+              ("PABEE (regression patience t=1)", "regression-patience", {"patience": 1})],
+    "deebert": [("regression patience t=2 on DeeBERT", "regression-patience", {}),
+                ("regression patience t=1 on DeeBERT", "regression-patience", {"patience": 1})],
+}
+HEADLINE = ("DE³ (EDR)", "DeeBERT", "PABEE", "PCEE", "entropy on DE³") + tuple(
+    label for methods in REGRESSION_METHODS.values() for label, _, _ in methods)
 SEPARATION = ("edr", "entropy", "dr", "confidence")
 # Budgets sized for 2 CPU cores (per-stage epochs; SST-2 subsampled).
 TASK_SETTINGS = {
     "sst2": dict(max_train_samples=8000, epochs=2, max_length=64),
     "rte": dict(epochs=3, max_length=128),
     "cola": dict(epochs=3, max_length=64),
+    "stsb": dict(epochs=3, max_length=64),
 }
 # MPNet-12 is ~6x slower than MiniLM-L6 here: one epoch on a 2,000-sentence SST-2 subsample (~20 min for three recipes).
 MPNET_BUDGETS = {"sst2": {"max_train_samples": 2000, "epochs": 1}, "rte": {"epochs": 2}}
@@ -86,6 +102,8 @@ def plan(name: str) -> list[Run]:
     if name == "mpnet":
         return [Run(task, "mpnet-base", recipe, 42, overrides=MPNET_BUDGETS[task])
                 for task in ("sst2", "rte") for recipe in METHODS]
+    if name == "stsb":
+        return [Run("stsb", "minilm-l6", recipe, seed) for seed in (42, 43, 44) for recipe in REGRESSION_METHODS]
     if name == "ablations":
         variants = {"no-proto-loss": {"alpha": 0.0}, "no-dar": {"beta": 0.0}, "cosine": {"distance": "cosine"},
                     "dim64": {"prototype_dim": 64}, "cls-pooling": {"pooling": "cls"},
@@ -93,7 +111,7 @@ def plan(name: str) -> list[Run]:
         # on a 4,000-sentence subsample (half the main plan's) to fit the machine; "reference" is the unchanged recipe
         return [Run("sst2", "minilm-l6", "de3", 42, v, {"max_train_samples": 4000, **o})
                 for v, o in {"reference": {}, **variants}.items()]
-    raise SystemExit(f"unknown plan '{name}'; choose main, mpnet or ablations")
+    raise SystemExit(f"unknown plan '{name}'; choose main, mpnet, stsb or ablations")
 
 
 def trained_checkpoint(run: Run, data_dir: str | None, learning_rate: float) -> Path:
@@ -120,8 +138,8 @@ def evaluate_run(run: Run, folder: Path, data_dir: str | None) -> dict:
     calibration = collect_layer_outputs(model, encode(calibration_examples(model, run.task, data_dir, None)[1]))
     layers = layer_metrics(dev, task)
     methods = {}
-    for label, criterion, lam in METHODS[run.recipe]:
-        rows = calibrated_table((criterion,), calibration, dev, task, patience=2, lam=lam)
+    for label, criterion, options in (REGRESSION_METHODS if task.is_regression else METHODS)[run.recipe]:
+        rows = calibrated_table((criterion,), calibration, dev, task, **{"patience": 2, **options})
         methods[label] = rows
     report = {"run": run.name, "task": run.task, "backbone": run.backbone, "recipe": run.recipe, "seed": run.seed,
               "variant": run.variant, "overrides": run.overrides, "metric": task.main_metric,
@@ -206,7 +224,7 @@ def markdown_table(summary: dict) -> str:
         lines += [f"\n**{backbone} / {task}** — dev metric ×100, mean ± std over seeds (measured speed-up)\n",
                   "| method | " + " | ".join(f"{t:g}x" for t in TARGET_SPEEDUPS) + " |",
                   "|---|" + "---|" * len(TARGET_SPEEDUPS)]
-        methods = [m for recipe in METHODS.values() for m, _, _ in recipe]
+        methods = [m for table in (METHODS, REGRESSION_METHODS) for recipe in table.values() for m, _, _ in recipe]
         for method in methods:
             cells = [_cell(summary, backbone, task, method, t) for t in TARGET_SPEEDUPS]
             if any(c != "–" for c in cells):
@@ -228,10 +246,12 @@ def plot_task(summary: dict, backbone: str, task: str, path: Path) -> None:
         if rows:
             axis.errorbar([r["speedup"]["mean"] for r in rows], [r["metric"]["mean"] for r in rows],
                           yerr=[r["metric"]["std"] for r in rows], marker="o", capsize=3, label=method)
-    full = [r for r in summary["cells"] if (r["backbone"], r["task"], r["method"]) == (backbone, task,
-                                                                                      "full depth (de3)")]
-    if full:
-        axis.axhline(full[0]["metric"]["mean"], color="grey", linestyle="--", label="full depth (DE³ model)")
+    for recipe, name in (("de3", "DE³"), ("pabee", "PABEE")):  # regression tasks have no DE³ model
+        full = [r for r in summary["cells"] if (r["backbone"], r["task"], r["method"], r["variant"]) ==
+                (backbone, task, f"full depth ({recipe})", "")]
+        if full:
+            axis.axhline(full[0]["metric"]["mean"], color="grey", linestyle="--", label=f"full depth ({name} model)")
+            break
     axis.set_xlabel("layer speed-up (calibrated on held-out train slice, measured on dev)")
     axis.set_ylabel("dev metric")
     axis.set_title(f"{backbone} / {task}: accuracy at equal speed-up")
@@ -276,7 +296,7 @@ def report(folder: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--plan", choices=["main", "mpnet", "ablations"], required=True,
+    parser.add_argument("--plan", choices=["main", "mpnet", "stsb", "ablations"], required=True,
                         help="runs to train and evaluate; results go to results/glue_tradeoff/<plan>/")
     parser.add_argument("--tasks", nargs="+", help="restrict the plan to these tasks")
     parser.add_argument("--learning-rate", type=float, default=5e-5, help="peak backbone learning rate")

@@ -4,7 +4,11 @@ For every exit layer, on the dev split (fits use the held-out calibration slice 
 
 - AUROC against correctness of entropy, DR and EDR (λ = 0.5, 1, 2): how well each separates right
   from wrong answers (0.5 = not at all);
-- the *best any fusion could do*: a logistic regression on (entropy, DR, log r1/r2) fitted on the
+- the same for the entropy of the prototypical network's own distribution q = softmax(−r), which
+  reads the distance *margin* r2 − r1 where DR reads the scale-free ratio r1/r2 (an input far out on
+  its class's side has a large margin but a ratio near 1, so DR calls it uncertain);
+- the *best any fusion could do*: a logistic regression on (entropy, DR, log r1/r2, prototype
+  entropy) fitted on the
   calibration slice and scored on dev — if even that does not beat entropy alone, the prototype
   distances carry no extra information about correctness and no way of fusing them can help;
 - the scales of the two parts (medians of Ent and DR): the harmonic mean in EDR follows its smaller
@@ -44,14 +48,16 @@ LAMBDAS = (0.5, 1.0, 2.0)
 
 
 def layer_features(outputs: LayerOutputs, layer: int) -> dict[str, np.ndarray]:
-    """Entropy, DR, log(r1/r2) and correctness of every sample at one exit."""
+    """Entropy, DR, log(r1/r2), prototype entropy and correctness of every sample at one exit."""
     probs = outputs.logits[layer].softmax(-1)
     distances = outputs.distances[layer].clamp_min(1e-12)
     predicted = probs.argmax(-1, keepdim=True)
     r1 = distances.gather(-1, predicted).squeeze(-1)
     r2 = distances.scatter(-1, predicted, float("inf")).min(-1).values
     return {"entropy": normalized_entropy(probs).numpy(), "dr": distance_ratio(probs, distances).numpy(),
-            "log_ratio": torch.log(r1 / r2).numpy(), "nearest": distances.argmin(-1).numpy(),
+            "log_ratio": torch.log(r1 / r2).numpy(),
+            "prototype_entropy": normalized_entropy(torch.softmax(-outputs.distances[layer], -1)).numpy(),
+            "nearest": distances.argmin(-1).numpy(),
             "predicted": predicted.squeeze(-1).numpy(),
             "correct": (predicted.squeeze(-1) == outputs.labels).numpy()}
 
@@ -64,8 +70,8 @@ def _auroc(correct: np.ndarray, uncertainty: np.ndarray) -> float | None:
 
 
 def _fusion_auroc(calibration: dict, dev: dict) -> float | None:
-    """AUROC on dev of a logistic fusion of (Ent, DR, log r1/r2) fitted on the calibration slice."""
-    columns = ("entropy", "dr", "log_ratio")
+    """AUROC on dev of a logistic fusion of (Ent, DR, log r1/r2, prototype entropy) fitted on the calibration slice."""
+    columns = ("entropy", "dr", "log_ratio", "prototype_entropy")
     fit_x = np.stack([calibration[c] for c in columns], 1)
     if calibration["correct"].all() or not calibration["correct"].any():
         return None
@@ -88,6 +94,7 @@ def analyse(model: EarlyExitModel, calibration: LayerOutputs, dev: LayerOutputs)
                "auroc": {"entropy": _auroc(ev["correct"], ev["entropy"]), "dr": _auroc(ev["correct"], ev["dr"]),
                          **{f"edr λ={lam:g}": _auroc(ev["correct"], hybrid_indicator(entropy, ratio, lam).numpy())
                             for lam in LAMBDAS},
+                         "prototype entropy": _auroc(ev["correct"], ev["prototype_entropy"]),
                          "best fusion (fitted)": _fusion_auroc(cal, ev)},
                "median_entropy": float(np.median(ev["entropy"])), "median_dr": float(np.median(ev["dr"])),
                "edr_follows_dr": float(np.mean(ev["dr"] < ev["entropy"])),

@@ -5,6 +5,8 @@ import json
 
 import pytest
 
+from de3bert.cli import main
+
 from benchmarks import glue_tradeoff
 from benchmarks.glue_tradeoff import Run, ablation_table, aggregate, evaluate_run, markdown_table, plan, plot_task
 
@@ -19,6 +21,8 @@ def test_plans_cover_every_recipe_and_seed():
     assert {(r.task, r.recipe) for r in mpnet} == {(t, m) for t in ("sst2", "rte") for m in ("de3", "pabee", "deebert")}
     assert all(r.backbone == "mpnet-base" for r in mpnet)
     assert {r.overrides["max_train_samples"] for r in mpnet if r.task == "sst2"} == {2000}  # subsampled, said in docs
+    stsb = plan("stsb")
+    assert {(r.recipe, r.seed) for r in stsb} == {(m, s) for m in ("pabee", "deebert") for s in (42, 43, 44)}
 
 
 def test_evaluate_run_and_aggregate_over_seeds(tiny_checkpoint, glue_dir, tmp_path):
@@ -47,4 +51,37 @@ def test_evaluate_run_and_aggregate_over_seeds(tiny_checkpoint, glue_dir, tmp_pa
     auroc = [v for v in report["separation"]["edr"] if v is not None]
     assert f"{sum(auroc) / len(auroc):.3f}" in row
     plot_task(summary, "tiny", "sst2", tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 10_000
+
+
+def write_stsb(folder, size: int = 48):
+    """A tiny STS-B in the official layout: the score is 5 for identical sentences, 0 for unrelated ones."""
+    header = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore"
+    task = folder / "STS-B"
+    task.mkdir(parents=True)
+    for name in ("train.tsv", "dev.tsv"):
+        rows = [header] + [f"{i}\tg\tf\ty\t{i}\tnone\tnone\ta cat sat\t{'a cat sat' if i % 2 else 'stocks fell'}"
+                           f"\t{5.0 * (i % 2):.3f}" for i in range(size)]
+        (task / name).write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def test_regression_run_is_evaluated_with_regression_patience(tiny_backbone_dir, tmp_path):
+    glue = write_stsb(tmp_path / "glue")
+    folder = tmp_path / "stsb-pabee"
+    assert main(["train", "--task", "stsb", "--model", str(tiny_backbone_dir), "--recipe", "pabee", "--output",
+                 str(folder), "--epochs", "1", "--batch-size", "16", "--data-dir", str(glue), "--no-progress"]) == 0
+    report = evaluate_run(Run("stsb", "tiny", "pabee", 42), folder, str(glue))
+    assert report["metric"] == "pearson" and report["oracle"] is None and "separation" not in report
+    assert set(report["methods"]) == {label for label, _, _ in glue_tradeoff.REGRESSION_METHODS["pabee"]}
+    # 4 layers: patience 1 can exit at layer 2 (up to 2x), patience 2 at layer 3 at the earliest (1.33x)
+    patience_one = report["methods"]["PABEE (regression patience t=1)"]
+    assert {r["policy"] for r in patience_one if "error" not in r} == {"regression-patience"}
+    assert all(r["patience"] == 1 and r["speedup"] <= 2.0 for r in patience_one if "error" not in r)
+    assert all("cannot reach" in r["error"] for r in report["methods"]["PABEE (regression patience t=2)"])
+    (tmp_path / "study" / "runs").mkdir(parents=True)
+    (tmp_path / "study" / "runs" / "tiny-stsb-pabee-s42.json").write_text(json.dumps(report))
+    summary = aggregate(tmp_path / "study")
+    assert "| PABEE (regression patience t=1) |" in markdown_table(summary)
+    plot_task(summary, "tiny", "stsb", tmp_path / "plot.png")
     assert (tmp_path / "plot.png").stat().st_size > 10_000

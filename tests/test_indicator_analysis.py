@@ -1,12 +1,14 @@
 """The indicator analysis script: per-layer separation, scales and prototype geometry of a DE³ checkpoint."""
 
 import json
+import math
 
 import pytest
+import torch
 
 from benchmarks import indicator_analysis
 from de3bert.data import encode_examples, load_split
-from de3bert.evaluation import collect_layer_outputs, indicator_auroc
+from de3bert.evaluation import LayerOutputs, collect_layer_outputs, indicator_auroc
 from de3bert.modeling import EarlyExitModel
 
 
@@ -28,3 +30,15 @@ def test_analysis_agrees_with_the_library_auroc_and_writes_results(tiny_checkpoi
     for row in report["layers"]:
         assert 0.0 <= row["median_dr"] <= 1.0 and 0.0 <= row["median_entropy"] <= 1.0
         assert 0.0 <= row["disagreement_rate"] <= 1.0 and row["prototype_separation"] > 0
+
+
+def test_prototype_entropy_reads_the_margin_where_dr_reads_the_ratio():
+    """Two inputs on class 1's side: one near its prototype, one far out. DR (scale-free r1/r2) calls the far one
+    less certain; the entropy of q = softmax(−r) sees its larger margin r2 − r1 and calls it more certain."""
+    logits = torch.tensor([[[0.0, 2.0], [0.0, 4.0]]])  # (M=1, N=2, C=2), both predict class 1
+    distances = torch.tensor([[[4.0, 1.0], [400.0, 300.0]]])  # near: r1/r2 = 1/4, margin 3; far: 3/4, margin 100
+    features = indicator_analysis.layer_features(LayerOutputs(logits, distances, torch.tensor([1, 1])), 0)
+    assert features["dr"][0] == pytest.approx(0.125) and features["dr"][1] == pytest.approx(0.375)
+    assert features["prototype_entropy"][1] < features["prototype_entropy"][0]
+    q_near = torch.softmax(torch.tensor([-4.0, -1.0]), -1)
+    assert features["prototype_entropy"][0] == pytest.approx(float(-(q_near * q_near.log()).sum() / math.log(2)))
