@@ -14,7 +14,10 @@ For every exit layer, on the dev split (fits use the held-out calibration slice 
 - the scales of the two parts (medians of Ent and DR): the harmonic mean in EDR follows its smaller
   argument, so a DR that sits near 0 for most inputs makes EDR a copy of DR;
 - prototype geometry: how often the classifier and the nearest prototype disagree, the accuracy on
-  those inputs, and the distance between prototypes relative to the distance to the own prototype.
+  those inputs, and the distance between prototypes relative to the distance to the own prototype;
+- the dev metric of exiting by each candidate indicator (including ones that are not exit criteria of
+  the library, such as prototype entropy) at thresholds calibrated to 1.5x, 2x and 3x on the held-out
+  slice, as benchmarks/glue_tradeoff.py does for the criteria.
 
     .venv/bin/python benchmarks/indicator_analysis.py --checkpoint sst2=runs/demo-sst2 --checkpoint rte=runs/rte-de3
 
@@ -37,14 +40,23 @@ import torch  # noqa: E402
 from sklearn.linear_model import LogisticRegression  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
-from de3bert.data import encode_examples, load_split  # noqa: E402
-from de3bert.evaluation import LayerOutputs, calibration_examples, collect_layer_outputs  # noqa: E402
+from de3bert.data import TaskSpec, compute_metrics, encode_examples, load_split, main_metric  # noqa: E402
+from de3bert.errors import PolicyError  # noqa: E402
+from de3bert.evaluation import (TARGET_SPEEDUPS, LayerOutputs, calibration_examples, collect_layer_outputs,  # noqa: E402
+                                most_conservative)
 from de3bert.heads import prototype_distances  # noqa: E402
 from de3bert.modeling import EarlyExitModel  # noqa: E402
-from de3bert.policies import distance_ratio, hybrid_indicator, normalized_entropy  # noqa: E402
+from de3bert.policies import distance_ratio, hybrid_indicator, normalized_entropy, speedup_ratio  # noqa: E402
 
 RESULTS = Path("results") / "indicators"
 LAMBDAS = (0.5, 1.0, 2.0)
+# indicators compared at equal speed-up (lower = more certain), from one layer's features
+CANDIDATES = {
+    "entropy": lambda f: f["entropy"],
+    "edr λ=1": lambda f: hybrid_indicator(f["entropy"], f["dr"]),
+    "prototype entropy": lambda f: f["prototype_entropy"],
+    "harmonic mean of entropy and prototype entropy": lambda f: hybrid_indicator(f["entropy"], f["prototype_entropy"]),
+}
 
 
 def layer_features(outputs: LayerOutputs, layer: int) -> dict[str, np.ndarray]:
@@ -106,6 +118,43 @@ def analyse(model: EarlyExitModel, calibration: LayerOutputs, dev: LayerOutputs)
     return rows
 
 
+def candidate_indicator(outputs: LayerOutputs, name: str) -> torch.Tensor:
+    """(M, N) values of one CANDIDATES indicator at every exit."""
+    layers = []
+    for layer in range(outputs.num_layers):
+        features = {k: torch.from_numpy(v) for k, v in layer_features(outputs, layer).items()}
+        layers.append(CANDIDATES[name](features).float())
+    return torch.stack(layers)
+
+
+def first_exit_layers(indicator: torch.Tensor, threshold: float) -> torch.Tensor:
+    """(N,) 1-based exit layer of each input: the first whose indicator is below τ, else the last."""
+    below = indicator < threshold
+    below[-1] = True
+    return below.int().argmax(0) + 1
+
+
+def calibrated_exits(name: str, calibration: LayerOutputs, dev: LayerOutputs, task: TaskSpec) -> list[dict]:
+    """Dev metric and speed-up of exiting by one candidate indicator, its τ calibrated on the held-out slice."""
+    held_out, measured = candidate_indicator(calibration, name), candidate_indicator(dev, name)
+    num_layers = dev.num_layers
+    grid = (torch.quantile(held_out[:-1].flatten(), torch.linspace(0, 1, 200)) + 1e-7).tolist() + [0.0]
+    scored = [(speedup_ratio(first_exit_layers(held_out, t), num_layers), t) for t in grid]
+    predictions = dev.predictions()
+    rows = []
+    for target in TARGET_SPEEDUPS:
+        try:
+            threshold = most_conservative(scored, name, target)
+        except PolicyError:
+            rows.append({"target_speedup": target, "metric": None})
+            continue
+        exits = first_exit_layers(measured, threshold)
+        chosen = predictions.gather(0, (exits - 1).unsqueeze(0)).squeeze(0)
+        rows.append({"target_speedup": target, "threshold": threshold, "speedup": speedup_ratio(exits, num_layers),
+                     "metric": main_metric(task, compute_metrics(task, chosen.tolist(), dev.labels.tolist()))})
+    return rows
+
+
 def plot(rows: list[dict], title: str, path: Path) -> None:
     """AUROC per layer of each indicator."""
     figure, axis = plt.subplots(figsize=(6.5, 4.2))
@@ -128,7 +177,7 @@ def run(name: str, checkpoint: Path, data_dir: str | None) -> dict:
     """Analyse one checkpoint on its task's dev split and write JSON + PNG."""
     model = EarlyExitModel.from_pretrained(checkpoint)
     task_name = model.config.task
-    _, dev_examples = load_split(task_name, "dev", data_dir)
+    task, dev_examples = load_split(task_name, "dev", data_dir)
     encode = lambda examples: encode_examples(model.tokenizer, examples, model.config.max_length)  # noqa: E731
     dev = collect_layer_outputs(model, encode(dev_examples))
     calibration = collect_layer_outputs(model, encode(calibration_examples(model, task_name, data_dir, None)[1]))
@@ -137,7 +186,8 @@ def run(name: str, checkpoint: Path, data_dir: str | None) -> dict:
     rows = analyse(model, calibration, dev)
     report = {"checkpoint": str(checkpoint), "task": task_name, "backbone": model.config.backbone_name, "layers": rows,
               "mean_auroc": {k: statistics.fmean(v for r in rows if (v := r["auroc"][k]) is not None)
-                             for k in rows[0]["auroc"]}}
+                             for k in rows[0]["auroc"]},
+              "calibrated": {name: calibrated_exits(name, calibration, dev, task) for name in CANDIDATES}}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=2))
     plot(rows, f"{model.config.backbone_name} / {task_name}: indicator separation", RESULTS / f"{name}.png")
@@ -158,6 +208,10 @@ def main() -> None:
             print(f"  layer {row['layer']}: acc {row['accuracy']:.3f}  median Ent {row['median_entropy']:.3f} "
                   f"DR {row['median_dr']:.3f}  EDR follows DR {row['edr_follows_dr']:.0%}  "
                   f"disagree {row['disagreement_rate']:.1%}  separation {row['prototype_separation']:.1f}")
+        for name, points in report["calibrated"].items():
+            print(f"  calibrated exits by {name}: " + ", ".join(
+                f"{p['target_speedup']:g}x → {100 * p['metric']:.1f} at {p['speedup']:.2f}x" if p["metric"] is not None
+                else f"{p['target_speedup']:g}x unreachable" for p in points))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ import torch
 from de3bert.data import get_task
 from de3bert.errors import PolicyError
 from de3bert.evaluation import (LayerOutputs, calibrate, calibrated_table, candidate_policies, evaluate_policy,
-                                _most_conservative, indicator_auroc, layer_metrics, oracle, sweep)
+                                most_conservative, indicator_auroc, layer_metrics, oracle, sweep)
 from de3bert.policies import ExitPolicy
 
 SST2 = get_task("sst2")
@@ -42,7 +42,7 @@ def test_sweep_spans_full_depth_to_first_layer():
     assert [r["patience"] for r in sorted(patience_rows, key=lambda r: -r["speedup"])] == [1, 2]
 
 
-def test_calibrate_picks_most_conservative_threshold_reaching_target():
+def test_calibrate_picksmost_conservative_threshold_reaching_target():
     outputs = three_layer_outputs()
     policy = calibrate("entropy", outputs, SST2, 1.2)
     row = evaluate_policy(policy, outputs, SST2)
@@ -59,7 +59,7 @@ def test_calibrate_unreachable_target_names_reachable_range():
 def test_unreachable_target_range_is_rounded_inwards():
     scored = [(1.004, ExitPolicy("entropy", 0.1)), (2.996, ExitPolicy("entropy", 0.9))]
     with pytest.raises(PolicyError, match=r"reachable range is 1\.01x to 2\.99x"):
-        _most_conservative(scored, "entropy", 3.0)
+        most_conservative(scored, "entropy", 3.0)
 
 
 def test_calibrated_table_reports_errors_per_row():

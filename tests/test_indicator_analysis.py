@@ -8,7 +8,8 @@ import torch
 
 from benchmarks import indicator_analysis
 from de3bert.data import encode_examples, load_split
-from de3bert.evaluation import LayerOutputs, collect_layer_outputs, indicator_auroc
+from de3bert.evaluation import (LayerOutputs, calibrated_table, calibration_examples, collect_layer_outputs,
+                               indicator_auroc)
 from de3bert.modeling import EarlyExitModel
 
 
@@ -42,3 +43,21 @@ def test_prototype_entropy_reads_the_margin_where_dr_reads_the_ratio():
     assert features["prototype_entropy"][1] < features["prototype_entropy"][0]
     q_near = torch.softmax(torch.tensor([-4.0, -1.0]), -1)
     assert features["prototype_entropy"][0] == pytest.approx(float(-(q_near * q_near.log()).sum() / math.log(2)))
+
+
+def test_calibrated_exits_by_entropy_equal_the_library_calibration(tiny_checkpoint, glue_dir):
+    """The analysis's own first-exit simulation agrees with calibrated_table for a criterion both know."""
+    model = EarlyExitModel.from_pretrained(tiny_checkpoint)
+    encode = lambda examples: encode_examples(model.tokenizer, examples, model.config.max_length)  # noqa: E731
+    task, dev_examples = load_split("sst2", "dev", str(glue_dir))
+    dev = collect_layer_outputs(model, encode(dev_examples))
+    calibration = collect_layer_outputs(model, encode(calibration_examples(model, "sst2", str(glue_dir), None)[1]))
+    ours = indicator_analysis.calibrated_exits("entropy", calibration, dev, task)
+    library = calibrated_table(("entropy",), calibration, dev, task)
+    assert [r["target_speedup"] for r in ours] == [r["target_speedup"] for r in library]
+    assert any(r["metric"] is not None for r in ours)
+    for mine, theirs in zip(ours, library):
+        if mine["metric"] is None:
+            assert "error" in theirs
+        else:
+            assert (mine["metric"], mine["speedup"]) == pytest.approx((theirs["metric"], theirs["speedup"]))

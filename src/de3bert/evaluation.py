@@ -11,6 +11,7 @@ import math
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from sklearn.metrics import roc_auc_score
@@ -26,6 +27,7 @@ from de3bert.modeling import EarlyExitModel
 from de3bert.plots import plot_tradeoff
 from de3bert.policies import CRITERIA, ExitPolicy, simulate_exits, speedup_ratio
 
+T = TypeVar("T")
 CLASSIFICATION_CRITERIA = ("edr", "entropy", "confidence", "dr", "patience", "pcee")
 TARGET_SPEEDUPS = (1.5, 2.0, 3.0)
 
@@ -144,7 +146,8 @@ def _scored_candidates(criterion: str, outputs: LayerOutputs, **grid) -> list[tu
             for p in candidate_policies(criterion, outputs, points=200, **grid)]
 
 
-def _most_conservative(scored: list[tuple[float, ExitPolicy]], criterion: str, target_speedup: float) -> ExitPolicy:
+def most_conservative(scored: list[tuple[float, T]], criterion: str, target_speedup: float) -> T:
+    """Of (layer speed-up, setting) pairs, the setting with the smallest speed-up that reaches the target."""
     reaching = [(s, p) for s, p in scored if s >= target_speedup - 1e-9]
     if not reaching:
         # rounded inwards, so that a fastest 2.996x does not read as "up to 3.00x" next to "cannot reach 3x"
@@ -158,7 +161,7 @@ def _most_conservative(scored: list[tuple[float, ExitPolicy]], criterion: str, t
 
 def calibrate(criterion: str, outputs: LayerOutputs, task: TaskSpec, target_speedup: float, **grid) -> ExitPolicy:
     """The most conservative policy of a criterion whose layer speed-up reaches the target."""
-    return _most_conservative(_scored_candidates(criterion, outputs, **grid), criterion, target_speedup)
+    return most_conservative(_scored_candidates(criterion, outputs, **grid), criterion, target_speedup)
 
 
 def fastest_policy(criterion: str, outputs: LayerOutputs, **grid) -> tuple[ExitPolicy, float]:
@@ -175,7 +178,7 @@ def calibrated_table(criteria: tuple[str, ...], calibration: LayerOutputs, evalu
         scored = _scored_candidates(criterion, calibration, **grid)
         for target in targets:
             try:
-                policy = _most_conservative(scored, criterion, target)
+                policy = most_conservative(scored, criterion, target)
             except PolicyError as exc:
                 rows.append({"policy": criterion, "target_speedup": target, "error": str(exc)})
                 continue
