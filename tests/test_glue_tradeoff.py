@@ -66,11 +66,14 @@ def write_stsb(folder, size: int = 48):
     return folder
 
 
-def test_regression_run_is_evaluated_with_regression_patience(tiny_backbone_dir, tmp_path):
+def test_regression_run_is_evaluated_with_regression_patience(tiny_backbone_dir, tmp_path, capsys):
     glue = write_stsb(tmp_path / "glue")
     folder = tmp_path / "stsb-pabee"
     assert main(["train", "--task", "stsb", "--model", str(tiny_backbone_dir), "--recipe", "pabee", "--output",
                  str(folder), "--epochs", "1", "--batch-size", "16", "--data-dir", str(glue), "--no-progress"]) == 0
+    # 4 layers, patience 2: the 2x default target is out of reach, and training says so once, with the range
+    assert "cannot reach a layer speed-up of 2x on this model; reachable range is 1.00x to 1.33x; the default exit " \
+           "policy is the fastest reachable one\n" in capsys.readouterr().out
     report = evaluate_run(Run("stsb", "tiny", "pabee", 42), folder, str(glue))
     assert report["metric"] == "pearson" and report["oracle"] is None and "separation" not in report
     assert set(report["methods"]) == {label for label, _, _ in glue_tradeoff.REGRESSION_METHODS["pabee"]}

@@ -399,10 +399,9 @@ class Trainer:
         try:
             config.policy = calibrate(default, calibration, self.task, self.args.target_speedup, **grid).to_dict()
         except PolicyError as exc:
-            policy, speedup = fastest_policy(default, calibration, **grid)
-            config.policy = policy.to_dict()
-            self.accelerator.print(f"warning: {exc}; the default exit policy is the fastest reachable one "
-                                   f"({speedup:.2f}x)")
+            config.policy = fastest_policy(default, calibration, **grid)[0].to_dict()
+            # the range in exc ends at the fastest speed-up (rounded down): no second, differently rounded number
+            self.accelerator.print(f"warning: {exc}; the default exit policy is the fastest reachable one")
 
 
 def train(task_name: str, backbone: str, args: TrainingArguments, data_dir: str | None = None,
