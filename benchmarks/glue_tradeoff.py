@@ -10,7 +10,7 @@ train and measured on dev:
 
 STS-B is regression: prototypes (and so EDR, DR and entropy) are undefined there, which makes the
 de3 recipe the pabee one (joint, linearly weighted MSE). The stsb plan trains pabee and deebert
-and exits both with patience on the regression output (|Δ score| < τ for 2 layers).
+and exits both with patience on the regression output (|Δ score| < τ for t = 1 or 2 layers).
 
 Resumable: trained checkpoints are cached under results/cache/tradeoff/, every finished run writes
 results/glue_tradeoff/<plan>/runs/<run>.json and is skipped next time; <plan>/progress.json says
@@ -18,7 +18,7 @@ what is done. Each plan's results are aggregated (mean ± std over seeds) into <
 table.md and one PNG per task; `--report` only aggregates.
 
     .venv/bin/python benchmarks/glue_tradeoff.py --plan main        # MiniLM-L6 on SST-2, RTE, CoLA
-    .venv/bin/python benchmarks/glue_tradeoff.py --plan mpnet       # MPNet-12 on SST-2 and RTE (~1.5 h)
+    .venv/bin/python benchmarks/glue_tradeoff.py --plan mpnet       # MPNet-12 on SST-2 and RTE (~1 h)
     .venv/bin/python benchmarks/glue_tradeoff.py --plan ablations   # DE³ variants on 4,000 SST-2 sentences
     .venv/bin/python benchmarks/glue_tradeoff.py --plan stsb        # MiniLM-L6 on STS-B (regression)
     .venv/bin/python benchmarks/glue_tradeoff.py --plan main --report
