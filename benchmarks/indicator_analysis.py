@@ -43,7 +43,7 @@ from sklearn.metrics import roc_auc_score  # noqa: E402
 from de3bert.data import TaskSpec, compute_metrics, encode_examples, load_split, main_metric  # noqa: E402
 from de3bert.errors import PolicyError  # noqa: E402
 from de3bert.evaluation import (TARGET_SPEEDUPS, LayerOutputs, calibration_examples, collect_layer_outputs,  # noqa: E402
-                                most_conservative)
+                                most_conservative, threshold_grid)
 from de3bert.heads import prototype_distances  # noqa: E402
 from de3bert.modeling import EarlyExitModel  # noqa: E402
 from de3bert.policies import distance_ratio, hybrid_indicator, normalized_entropy, speedup_ratio  # noqa: E402
@@ -138,7 +138,7 @@ def calibrated_exits(name: str, calibration: LayerOutputs, dev: LayerOutputs, ta
     """Dev metric and speed-up of exiting by one candidate indicator, its τ calibrated on the held-out slice."""
     held_out, measured = candidate_indicator(calibration, name), candidate_indicator(dev, name)
     num_layers = dev.num_layers
-    grid = (torch.quantile(held_out[:-1].flatten(), torch.linspace(0, 1, 200)) + 1e-7).tolist() + [0.0]
+    grid = threshold_grid(held_out[:-1].flatten(), 200) + [0.0]
     scored = [(speedup_ratio(first_exit_layers(held_out, t), num_layers), t) for t in grid]
     predictions = dev.predictions()
     rows = []

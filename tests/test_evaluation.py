@@ -42,7 +42,7 @@ def test_sweep_spans_full_depth_to_first_layer():
     assert [r["patience"] for r in sorted(patience_rows, key=lambda r: -r["speedup"])] == [1, 2]
 
 
-def test_calibrate_picksmost_conservative_threshold_reaching_target():
+def test_calibrate_picks_most_conservative_threshold_reaching_target():
     outputs = three_layer_outputs()
     policy = calibrate("entropy", outputs, SST2, 1.2)
     row = evaluate_policy(policy, outputs, SST2)
@@ -89,3 +89,13 @@ def test_indicator_auroc_hand_computed():
 def test_indicator_auroc_undefined_when_all_answers_agree():
     logits = torch.tensor([[[3.0, 0.0], [2.0, 0.0]]])
     assert indicator_auroc("entropy", LayerOutputs(logits, None, torch.tensor([0, 0]))) == [None]
+
+
+def test_regression_tolerances_above_one_reach_the_earliest_exit():
+    """Scores change by up to 3.7 between layers: the largest change must still fit under some calibrated τ, so
+    patience 1 can send every input out at layer 2 (3x on 6 layers) — float32 rounds a fixed 1e-7 step away."""
+    torch.manual_seed(0)
+    scores = torch.cumsum(torch.rand(6, 50, 1) * 3.7, 0)  # (M, N, 1) regression outputs
+    outputs = LayerOutputs(scores, None, torch.rand(50) * 5)
+    policy = calibrate("regression-patience", outputs, get_task("stsb"), 3.0, patience=1)
+    assert evaluate_policy(policy, outputs, get_task("stsb"))["speedup"] == pytest.approx(3.0)

@@ -110,6 +110,17 @@ def evaluate_policy(policy: ExitPolicy, outputs: LayerOutputs, task: TaskSpec) -
     }
 
 
+def threshold_grid(values: torch.Tensor, points: int, below: bool = True) -> list[float]:
+    """Thresholds at `points` quantiles of indicator values, each just past its quantile so that the inputs
+    there exit too (exits happen strictly below τ, or above it where `below` is False)."""
+    if not values.numel():
+        return []
+    quantiles = torch.quantile(values.double(), torch.linspace(0, 1, points, dtype=torch.float64)).tolist()
+    # step past each value by more than float32's resolution there: indicators are float32, and regression
+    # tolerances exceed 1, where a fixed 1e-7 rounds away and the largest value could never exit
+    return [v + (1e-7 + 1e-6 * abs(v)) * (1.0 if below else -1.0) for v in quantiles]
+
+
 def candidate_policies(criterion: str, outputs: LayerOutputs, points: int = 40, patience: int = 2,
                        lam: float = 1.0) -> list[ExitPolicy]:
     """A grid of policies spanning the criterion's whole trade-off curve on these outputs."""
@@ -122,12 +133,8 @@ def candidate_policies(criterion: str, outputs: LayerOutputs, points: int = 40, 
     for head in outputs.heads()[:-1]:
         indicator, previous = probe.indicator(head, previous)
         values.append(indicator[torch.isfinite(indicator)])
-    values = torch.cat(values)
-    quantiles = torch.linspace(0, 1, points)
-    grid = torch.quantile(values, quantiles).tolist() if values.numel() else []
-    # exits happen strictly below τ (or above for confidence): nudge the grid so every quantile counts
     below = CRITERIA[criterion][1]
-    grid = [v + 1e-7 if below else v - 1e-7 for v in grid]
+    grid = threshold_grid(torch.cat(values), points, below)
     if criterion != "regression-patience":
         grid = [min(1.0, max(0.0, v)) for v in grid] + ([0.0, 1.0] if below else [1.0, 0.0])
     return [ExitPolicy(criterion, threshold=t, patience=policy_patience, lam=lam) for t in sorted(set(grid))]
