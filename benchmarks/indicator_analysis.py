@@ -8,9 +8,9 @@ For every exit layer, on the dev split (fits use the held-out calibration slice 
   reads the distance *margin* r2 − r1 where DR reads the scale-free ratio r1/r2 (an input far out on
   its class's side has a large margin but a ratio near 1, so DR calls it uncertain);
 - the *best any fusion could do*: a logistic regression on (entropy, DR, log r1/r2, prototype
-  entropy) fitted on the
-  calibration slice and scored on dev — if even that does not beat entropy alone, the prototype
-  distances carry no extra information about correctness and no way of fusing them can help;
+  entropy) fitted on the calibration slice and scored on dev — if even that does not beat entropy
+  alone, the prototype distances carry no extra information about correctness and no way of fusing
+  them can help;
 - the scales of the two parts (medians of Ent and DR): the harmonic mean in EDR follows its smaller
   argument, so a DR that sits near 0 for most inputs makes EDR a copy of DR;
 - prototype geometry: how often the classifier and the nearest prototype disagree, the accuracy on

@@ -171,10 +171,9 @@ def calibrate(criterion: str, outputs: LayerOutputs, task: TaskSpec, target_spee
     return most_conservative(_scored_candidates(criterion, outputs, **grid), criterion, target_speedup)
 
 
-def fastest_policy(criterion: str, outputs: LayerOutputs, **grid) -> tuple[ExitPolicy, float]:
-    """The criterion's policy with the largest layer speed-up on these outputs, and that speed-up."""
-    speedup, policy = max(_scored_candidates(criterion, outputs, **grid), key=lambda sp: sp[0])
-    return policy, speedup
+def fastest_policy(criterion: str, outputs: LayerOutputs, **grid) -> ExitPolicy:
+    """The criterion's policy with the largest layer speed-up on these outputs."""
+    return max(_scored_candidates(criterion, outputs, **grid), key=lambda sp: sp[0])[1]
 
 
 def calibrated_table(criteria: tuple[str, ...], calibration: LayerOutputs, evaluation: LayerOutputs, task: TaskSpec,

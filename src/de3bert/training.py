@@ -399,7 +399,7 @@ class Trainer:
         try:
             config.policy = calibrate(default, calibration, self.task, self.args.target_speedup, **grid).to_dict()
         except PolicyError as exc:
-            config.policy = fastest_policy(default, calibration, **grid)[0].to_dict()
+            config.policy = fastest_policy(default, calibration, **grid).to_dict()
             # the range in exc ends at the fastest speed-up (rounded down): no second, differently rounded number
             self.accelerator.print(f"warning: {exc}; the default exit policy is the fastest reachable one")
 
