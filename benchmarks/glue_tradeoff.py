@@ -29,14 +29,19 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: the repository root holds the `benchmarks` package
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from benchmarks import indicator_analysis  # noqa: E402
 from de3bert.data import encode_examples, load_split, main_metric  # noqa: E402
 from de3bert.evaluation import (TARGET_SPEEDUPS, calibrated_table, calibration_examples,  # noqa: E402
                                 collect_layer_outputs, indicator_auroc, layer_metrics, oracle)
@@ -74,6 +79,12 @@ TASK_SETTINGS = {
 # MPNet-12 is ~6x slower than MiniLM-L6 here: one epoch per stage, on a 2,000-sentence SST-2 subsample (~20 min for
 # the three recipes) and on all of RTE (~15 min per epoch, about an hour for the three recipes).
 MPNET_BUDGETS = {"sst2": {"max_train_samples": 2000, "epochs": 1}, "rte": {"epochs": 1}}
+# The prototypes plan: the DE³ recipe with the paper's running-mean prototypes against learned ones, side by side
+# (both without a prototypical network on the last layer); γ is fixed a priori, the γ runs only show its effect.
+PROTOTYPE_VARIANTS = {"ema": {"prototypes": "ema"}, "learned": {"prototypes": "learned"}}
+MOMENTA = (0.01, 0.1, 0.5)
+HEAD_KEYS = ("prototype_dim", "distance", "pooling", "prototypes", "prototype_momentum")
+PLANS = ("main", "mpnet", "stsb", "ablations", "prototypes")
 
 
 @dataclass(frozen=True)
@@ -103,6 +114,19 @@ def plan(name: str) -> list[Run]:
     if name == "mpnet":
         return [Run(task, "mpnet-base", recipe, 42, overrides=MPNET_BUDGETS[task])
                 for task in ("sst2", "rte") for recipe in METHODS]
+    if name == "prototypes":
+        def side_by_side(task, backbone, seed, budget=None):
+            return [Run(task, backbone, "de3", seed, variant, {**(budget or {}), **options})
+                    for variant, options in PROTOTYPE_VARIANTS.items()]
+        # seed 42 first, then MPNet and γ, then the other seeds: partial progress covers every question
+        first = [run for task in ("sst2", "rte", "cola") for run in side_by_side(task, "minilm-l6", 42)]
+        mpnet = [run for task in ("rte", "sst2") for run in side_by_side(task, "mpnet-base", 42, MPNET_BUDGETS[task])]
+        momenta = [Run("sst2", "minilm-l6", "de3", 42, f"4k-ema-g{m:g}",
+                       {"max_train_samples": 4000, "prototypes": "ema", "prototype_momentum": m}) for m in MOMENTA]
+        momenta.append(Run("sst2", "minilm-l6", "de3", 42, "4k-learned", {"max_train_samples": 4000,
+                                                                          "prototypes": "learned"}))
+        rest = [run for seed in (43, 44) for task in ("rte", "cola") for run in side_by_side(task, "minilm-l6", seed)]
+        return first + mpnet + momenta + rest
     if name == "stsb":
         return [Run("stsb", "minilm-l6", recipe, seed) for seed in (42, 43, 44) for recipe in REGRESSION_METHODS]
     if name == "ablations":
@@ -112,7 +136,7 @@ def plan(name: str) -> list[Run]:
         # on a 4,000-sentence subsample (half the main plan's) to fit the machine; "reference" is the unchanged recipe
         return [Run("sst2", "minilm-l6", "de3", 42, v, {"max_train_samples": 4000, **o})
                 for v, o in {"reference": {}, **variants}.items()]
-    raise SystemExit(f"unknown plan '{name}'; choose main, mpnet, stsb or ablations")
+    raise SystemExit(f"unknown plan '{name}'; choose one of {', '.join(PLANS)}")
 
 
 def trained_checkpoint(run: Run, data_dir: str | None, learning_rate: float) -> Path:
@@ -121,9 +145,8 @@ def trained_checkpoint(run: Run, data_dir: str | None, learning_rate: float) -> 
     config = folder / "config.json"
     if config.exists() and "layer_metrics" in json.loads(config.read_text())["de3bert"].get("training", {}):
         return folder
-    head_keys = ("prototype_dim", "distance", "pooling")
-    heads = ExitHeadConfig(**{k: v for k, v in run.overrides.items() if k in head_keys})
-    settings = TASK_SETTINGS[run.task] | {k: v for k, v in run.overrides.items() if k not in head_keys}
+    heads = ExitHeadConfig(**{k: v for k, v in run.overrides.items() if k in HEAD_KEYS})
+    settings = TASK_SETTINGS[run.task] | {k: v for k, v in run.overrides.items() if k not in HEAD_KEYS}
     args = TrainingArguments(output_dir=str(folder), recipe=run.recipe, seed=run.seed, learning_rate=learning_rate,
                              progress=False, **settings)
     train(run.task, run.backbone, args, data_dir, heads=heads)
@@ -148,6 +171,7 @@ def evaluate_run(run: Run, folder: Path, data_dir: str | None) -> dict:
               "methods": methods, "training": model.config.training}
     if run.recipe == "de3":
         report["separation"] = {c: indicator_auroc(c, dev) for c in SEPARATION}
+        report["geometry"] = indicator_analysis.analyse(model, calibration, dev)
     return report
 
 
@@ -297,7 +321,7 @@ def report(folder: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--plan", choices=["main", "mpnet", "stsb", "ablations"], required=True,
+    parser.add_argument("--plan", choices=PLANS, required=True,
                         help="runs to train and evaluate; results go to results/glue_tradeoff/<plan>/")
     parser.add_argument("--tasks", nargs="+", help="restrict the plan to these tasks")
     parser.add_argument("--learning-rate", type=float, default=5e-5, help="peak backbone learning rate")

@@ -96,6 +96,8 @@ def analyse(model: EarlyExitModel, calibration: LayerOutputs, dev: LayerOutputs)
     """Per-layer separation, scales and prototype geometry."""
     rows = []
     for layer, head in enumerate(model.heads):
+        if not head.has_prototypes:  # the last layer of a model that has no prototypical network there
+            continue
         cal, ev = layer_features(calibration, layer), layer_features(dev, layer)
         entropy, ratio = torch.from_numpy(ev["entropy"]), torch.from_numpy(ev["dr"])
         prototypes = head.prototypes.detach().float()
@@ -119,11 +121,13 @@ def analyse(model: EarlyExitModel, calibration: LayerOutputs, dev: LayerOutputs)
 
 
 def candidate_indicator(outputs: LayerOutputs, name: str) -> torch.Tensor:
-    """(M, N) values of one CANDIDATES indicator at every exit."""
+    """(M, N) values of one CANDIDATES indicator at every exit (NaN at a last layer without prototypes: every
+    input exits there anyway)."""
     layers = []
-    for layer in range(outputs.num_layers):
+    for layer in range(outputs.distances.shape[0]):
         features = {k: torch.from_numpy(v) for k, v in layer_features(outputs, layer).items()}
         layers.append(CANDIDATES[name](features).float())
+    layers += [torch.full_like(layers[0], float("nan"))] * (outputs.num_layers - len(layers))
     return torch.stack(layers)
 
 

@@ -41,7 +41,8 @@ def test_save_and_load_round_trip_gives_identical_outputs(tmp_path, tokenizer):
     with torch.no_grad():
         expected, actual = model(**batch), loaded(**batch)
     for a, b in zip(expected.layers, actual.layers):
-        assert torch.equal(a.logits, b.logits) and torch.equal(a.distances, b.distances)
+        assert torch.equal(a.logits, b.logits)
+        assert (a.distances is b.distances is None) or torch.equal(a.distances, b.distances)
     assert loaded.config.policy == model.config.policy
     assert loaded.tokenizer is not None
     # saving again over an existing checkpoint replaces it completely
@@ -124,3 +125,27 @@ def test_corrupt_weights_are_a_clear_error(tmp_path, tokenizer):
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(CheckpointError, match=r"model.safetensors cannot be read"):
         EarlyExitModel.from_pretrained(path)
+
+
+def test_checkpoint_written_before_running_mean_prototypes_loads_as_it_was(tmp_path, tokenizer):
+    """Older config.json files have no `prototypes` or `final_prototypes`: learned prototypes on every layer."""
+    model = tiny_model(tokenizer=tokenizer, prototypes="learned", final_prototypes=True)
+    model.save_pretrained(tmp_path / "old")
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    for key in ("prototypes", "prototype_momentum", "final_prototypes"):
+        del config["de3bert"]["heads"][key]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    loaded = EarlyExitModel.from_pretrained(tmp_path / "old")
+    assert loaded.config.heads.prototypes == "learned" and loaded.heads[-1].has_prototypes
+    batch = padded_batch()
+    with torch.no_grad():
+        for a, b in zip(model(**batch).layers, loaded(**batch).layers):
+            assert torch.equal(a.logits, b.logits) and torch.equal(a.distances, b.distances)
+
+
+def test_new_models_have_no_prototypical_network_on_the_last_layer():
+    model = tiny_model(prototype_dim=8)
+    assert [head.has_prototypes for head in model.heads] == [True, True, True, False]
+    overhead = model.overhead()
+    assert overhead["prototype_parameters"] == 3 * (8 * (32 + 1) + 2 * 8)
+    assert overhead["prototype_parameters_saved_on_last_layer"] == 8 * (32 + 1) + 2 * 8

@@ -175,7 +175,7 @@ def test_overflowed_half_precision_logits_give_finite_indicators(criterion):
 
 def test_edr_without_distances_is_a_clear_error():
     with pytest.raises(PolicyError, match="needs prototype distances"):
-        simulate_exits(ExitPolicy("edr"), [HeadOutput(torch.zeros(1, 2))])
+        simulate_exits(ExitPolicy("edr"), [HeadOutput(torch.zeros(1, 2))] * 2)
 
 
 # Property-based checks over random (and extreme) logits and distances.

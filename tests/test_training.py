@@ -91,7 +91,7 @@ def max_weight_difference(first: Path, second: Path) -> float:
     """Largest absolute difference between the tensors of two checkpoints."""
     a, b = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
     assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
 def history(output: Path) -> list[float]:
@@ -111,18 +111,24 @@ def test_batches_are_shared_so_that_averaged_gradients_equal_the_whole_batch_gra
 
 
 def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, tiny_backbone_dir, glue_dir):
-    reference = train("sst2", str(tiny_backbone_dir), args_for(tmp_path / "reference", epochs=2, save_every_steps=4),
+    # the default de3 recipe: the state holds the running-mean prototypes too, and they must resume exactly
+    reference = train("sst2", str(tiny_backbone_dir),
+                      args_for(tmp_path / "reference", epochs=2, save_every_steps=4, learning_rate=2e-2),
                       data_dir=str(glue_dir)).output_dir
     output = tmp_path / "killed" / "ckpt"
     # 6 steps per epoch; state checkpoints after steps 4, 6 (epoch end) and 8; killed after step 10.
     killed = subprocess.run([sys.executable, "-m", "de3bert.cli",
-                             *cli_train_argv(tiny_backbone_dir, glue_dir, output, epochs=2, save_every_steps=4)],
+                             *cli_train_argv(tiny_backbone_dir, glue_dir, output, epochs=2, save_every_steps=4,
+                                             learning_rate=2e-2)],
                             env=os.environ | {STOP_AFTER_STEPS_ENV: "10"}, capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     state = load_training_state(output)
     assert (state.stage, state.epoch, state.step, state.global_step) == (0, 2, 2, 8)  # mid-epoch
     assert main(["train", "--resume", str(output), "--no-progress"]) == 0
     assert max_weight_difference(reference, output) < 1e-5
+    prototypes = load_file(output / "model.safetensors")["heads.0.prototypes"]
+    assert torch.equal(prototypes, load_file(reference / "model.safetensors")["heads.0.prototypes"])
+    assert prototypes.abs().sum() > 0  # they were trained, not left at their zero start
     assert history(output) == pytest.approx(history(reference), rel=1e-6)
     # The kept weights come from the epoch that was interrupted, so the comparison means something.
     scores = [r["score"] for r in json.loads((reference / "training_history.json").read_text())]

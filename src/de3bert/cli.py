@@ -60,7 +60,8 @@ def cmd_train(args) -> None:
             calibration_fraction=args.calibration_fraction, max_length=args.max_length,
             save_every_steps=args.save_every_steps, progress=not args.no_progress)
         heads = ExitHeadConfig(prototype_dim=args.prototype_dim, distance=args.distance, dropout=args.head_dropout,
-                               pooling=args.pooling)
+                               pooling=args.pooling, prototypes=args.prototypes,
+                               prototype_momentum=args.prototype_momentum)
         result = train(args.task, args.model, training_args, args.data_dir, args.hub_dataset, heads)
     process_state().print(f"best checkpoint (selection score {result.best_score:.4f}) saved to {result.output_dir}")
 
@@ -203,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--beta", type=float, default=None, help="DAR weight β (de3 default 1; 0 = off)")
     train.add_argument("--prototype-dim", type=int, default=None, help="metric space dimension d (default: hidden)")
     train.add_argument("--distance", default="sqeuclidean", choices=["sqeuclidean", "cosine"], help="prototype distance")
+    train.add_argument("--prototypes", default="ema", choices=["ema", "learned"],
+                       help="class prototypes: running means of each class's embeddings (ema, the paper's) or "
+                            "parameters trained by gradient descent (learned)")
+    train.add_argument("--prototype-momentum", type=float, default=0.1,
+                       help="γ of the running means: P ← (1 − γ)·P + γ·(batch mean of the class)")
     train.add_argument("--head-dropout", type=float, default=0.1, help="dropout in the exit heads")
     train.add_argument("--pooling", default=None, choices=["cls", "mean"],
                        help="what each exit head reads: the [CLS] state (the paper) or the mean over tokens "

@@ -11,6 +11,7 @@ one therefore stops at its exit layer. Only the parts of a head the policy reads
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -34,12 +35,13 @@ class BatchExits:
 
 @dataclass
 class Prediction:
-    """One input's answer: label (or score), class probabilities, exit layer and indicator at exit."""
+    """One input's answer: label (or score), class probabilities, exit layer and indicator at exit (None
+    where the criterion has no value: a prototype criterion at a last layer without prototypes)."""
 
     label: str | float
     probabilities: dict[str, float] | None
     exit_layer: int
-    indicator: float
+    indicator: float | None
 
 
 def _trim_padding(hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,6 +167,7 @@ class EarlyExitEngine:
         predictions = []
         for row in range(len(texts)):
             indicator = float(results.indicators[row])
+            indicator = None if math.isnan(indicator) else indicator
             layer = int(results.exit_layers[row])
             if not labels:
                 predictions.append(Prediction(float(results.predictions[row]), None, layer, indicator))

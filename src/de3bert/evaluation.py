@@ -34,11 +34,19 @@ TARGET_SPEEDUPS = (1.5, 2.0, 3.0)
 
 @dataclass
 class LayerOutputs:
-    """Every exit head's output on a dataset: logits (M, N, C), distances (M, N, C) or None, labels (N,)."""
+    """Every exit head's output on a dataset: logits (M, N, C), labels (N,), and distances (K, N, C) of the first
+    K layers, those with a prototypical network (K = M − 1 when the last layer has none), or None."""
 
     logits: torch.Tensor
     distances: torch.Tensor | None
     labels: torch.Tensor
+
+    @classmethod
+    def from_layers(cls, layers: list[HeadOutput], labels: torch.Tensor) -> LayerOutputs:
+        """Stack one batch's per-layer head outputs (float32, on the CPU)."""
+        distances = [layer.distances.float().cpu() for layer in layers if layer.distances is not None]
+        return cls(torch.stack([layer.logits.float().cpu() for layer in layers]),
+                   torch.stack(distances) if distances else None, labels)
 
     @property
     def num_layers(self) -> int:
@@ -47,7 +55,8 @@ class LayerOutputs:
 
     def heads(self) -> list[HeadOutput]:
         """Per-layer HeadOutputs, the form policies read."""
-        return [HeadOutput(self.logits[m], None if self.distances is None else self.distances[m])
+        with_distances = 0 if self.distances is None else self.distances.shape[0]
+        return [HeadOutput(self.logits[m], self.distances[m] if m < with_distances else None)
                 for m in range(self.num_layers)]
 
     def predictions(self) -> torch.Tensor:
@@ -64,15 +73,14 @@ def collect_layer_outputs(
     model.eval()
     device = next(model.parameters()).device
     loader = DataLoader(examples, batch_size=batch_size, collate_fn=Collator(model.tokenizer))
-    logits, distances, labels = [], [], []
+    parts = []
     for batch in tqdm(loader, desc="evaluating", disable=not progress, leave=False):
-        labels.append(batch.pop("labels"))
-        output = model(**{k: v.to(device) for k, v in batch.items()})
-        logits.append(torch.stack([layer.logits.float().cpu() for layer in output.layers]))
-        if output.layers[0].distances is not None:
-            distances.append(torch.stack([layer.distances.float().cpu() for layer in output.layers]))
+        labels = batch.pop("labels")
+        parts.append(LayerOutputs.from_layers(model(**{k: v.to(device) for k, v in batch.items()}).layers, labels))
     model.train(was_training)
-    return LayerOutputs(torch.cat(logits, 1), torch.cat(distances, 1) if distances else None, torch.cat(labels))
+    return LayerOutputs(torch.cat([p.logits for p in parts], 1),
+                        None if parts[0].distances is None else torch.cat([p.distances for p in parts], 1),
+                        torch.cat([p.labels for p in parts]))
 
 
 def _metrics(task: TaskSpec, predictions: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
@@ -205,6 +213,9 @@ def indicator_auroc(criterion: str, outputs: LayerOutputs, lam: float = 1.0) -> 
     correct = outputs.predictions() == outputs.labels.unsqueeze(0)  # (M, N)
     scores = []
     for m, head in enumerate(outputs.heads()):
+        if probe.needs_prototypes and head.distances is None:  # a last layer without prototypes
+            scores.append(None)
+            continue
         indicator, _ = probe.indicator(head, None)
         labels = correct[m]
         both_present = bool(labels.any()) and not bool(labels.all())

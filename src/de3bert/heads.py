@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from de3bert.prototypes import PROTOTYPE_KINDS, all_reduce_class_sums, class_sums, moving_average_update
+
 DISTANCES = ("sqeuclidean", "cosine")
 POOLINGS = ("cls", "mean")
 
@@ -51,32 +53,65 @@ def pool_sequence(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> tor
 
 
 class ExitHead(nn.Module):
-    """Pooling → pooler (dense + tanh) → dropout → classifier, and mapping g + prototypes P."""
+    """Pooling → pooler (dense + tanh) → dropout → classifier, and mapping g + prototypes P.
+
+    prototype_kind: "ema" — P is a buffer of running class means, updated in training mode from the
+    labelled batches the head sees (prototypes.py; momentum γ) — or "learned" — P is a parameter trained
+    by gradient descent.
+    """
 
     def __init__(self, hidden_size: int, num_labels: int, prototype_dim: int | None, distance: str, dropout: float,
-                 pooling: str = "cls"):
+                 pooling: str = "cls", prototype_kind: str = "learned", momentum: float = 0.1):
         super().__init__()
+        if prototype_kind not in PROTOTYPE_KINDS:
+            raise ValueError(f"unknown prototype kind '{prototype_kind}'; choose one of {PROTOTYPE_KINDS}")
         self.pooling = pooling
         self.pooler = nn.Linear(hidden_size, hidden_size)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(hidden_size, num_labels)
         self.distance = distance
-        if prototype_dim:
-            self.projection = nn.Linear(hidden_size, prototype_dim)
+        self.prototype_kind = prototype_kind
+        self.momentum = momentum
+        self.projection = nn.Linear(hidden_size, prototype_dim) if prototype_dim else None
+        if not prototype_dim:
+            self.register_parameter("prototypes", None)
+        elif prototype_kind == "learned":
             self.prototypes = nn.Parameter(torch.empty(num_labels, prototype_dim))
         else:
-            self.projection = None
-            self.register_parameter("prototypes", None)
+            self.register_buffer("prototypes", torch.zeros(num_labels, prototype_dim))
+            self.register_buffer("prototype_initialized", torch.zeros(num_labels, dtype=torch.bool))
 
     @property
     def has_prototypes(self) -> bool:
         """Whether this head carries a prototypical network."""
         return self.projection is not None
 
-    def forward(self, hidden: torch.Tensor, mask: torch.Tensor, with_prototypes: bool = True) -> HeadOutput:
-        """Logits and (optionally) prototype distances for a layer's hidden states (B, T, H) and mask (B, T)."""
+    @property
+    def tracks_class_means(self) -> bool:
+        """Whether the prototypes are running class means (updated in training mode) rather than parameters."""
+        return self.has_prototypes and self.prototype_kind == "ema"
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor, with_prototypes: bool = True,
+                labels: torch.Tensor | None = None) -> HeadOutput:
+        """Logits and (optionally) prototype distances for a layer's hidden states (B, T, H) and mask (B, T).
+
+        labels (B,): in training mode, running-mean prototypes first take in this batch's class means (rows
+        labelled −1 do not count); the distances are then measured to the updated prototypes.
+        """
         pooled = self.dropout(torch.tanh(self.pooler(pool_sequence(hidden, mask, self.pooling))))
         logits = self.classifier(pooled)
         if not (with_prototypes and self.has_prototypes):
             return HeadOutput(logits)
-        return HeadOutput(logits, prototype_distances(self.projection(pooled), self.prototypes, self.distance))
+        embeddings = self.projection(pooled)
+        if self.training and labels is not None and self.tracks_class_means:
+            self.update_prototypes(embeddings, labels)
+        return HeadOutput(logits, prototype_distances(embeddings, self.prototypes, self.distance))
+
+    @torch.no_grad()
+    def update_prototypes(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+        """Move the running-mean prototypes towards this batch's class means (over every process)."""
+        sums, counts = all_reduce_class_sums(*class_sums(embeddings, labels, self.prototypes.shape[0]))
+        prototypes, initialized = moving_average_update(self.prototypes.float(), self.prototype_initialized, sums,
+                                                        counts, self.momentum)
+        self.prototypes.copy_(prototypes)
+        self.prototype_initialized.copy_(initialized)

@@ -19,6 +19,7 @@ from de3bert.backbones import Backbone, backbone_from_config, count_parameters, 
 from de3bert.errors import CheckpointError
 from de3bert.heads import DISTANCES, POOLINGS, ExitHead, HeadOutput
 from de3bert.model_card import write_model_card
+from de3bert.prototypes import PROTOTYPE_KINDS
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
@@ -36,12 +37,31 @@ class ExitHeadConfig:
     pooling: what each head reads from its layer — "cls" (the paper's [CLS] state) or "mean"
         (mean over tokens); None = the pooling the backbone was pretrained with (resolved when the
         model is built: sentence-embedding backbones such as minilm-l6 and mpnet-base use "mean").
+    prototypes: "ema" — running averages of each class's embeddings, updated during training (the
+        paper's mechanism) — or "learned" — parameters trained by gradient descent.
+    prototype_momentum: γ of the running average P_k ← (1 − γ)·P_k + γ·(batch mean of class k).
+    final_prototypes: whether the last layer carries a prototypical network too. No indicator reads it
+        (the last layer always exits), so new models have none; checkpoints written before it was
+        dropped have one and load as they were.
     """
 
     prototype_dim: int | None = None
     distance: str = "sqeuclidean"
     dropout: float = 0.1
     pooling: str | None = None
+    prototypes: str = "ema"
+    prototype_momentum: float = 0.1
+    final_prototypes: bool = False
+
+    def __post_init__(self) -> None:
+        if self.prototypes not in PROTOTYPE_KINDS:
+            raise CheckpointError(f"unknown prototype kind '{self.prototypes}'; choose one of "
+                                  f"{', '.join(PROTOTYPE_KINDS)}")
+        if not 0.0 < self.prototype_momentum <= 1.0:
+            raise CheckpointError(f"prototype momentum γ must lie in (0, 1], got {self.prototype_momentum}")
+
+# What the head settings of a checkpoint written before a setting existed mean: learned prototypes on every layer.
+LEGACY_HEADS = {"prototypes": "learned", "final_prototypes": True}
 
 
 @dataclass
@@ -84,7 +104,7 @@ class EarlyExitConfig:
     def from_dict(cls, data: dict) -> EarlyExitConfig:
         """Inverse of to_dict."""
         body = dict(data["de3bert"])
-        body["heads"] = ExitHeadConfig(**body.get("heads", {}))
+        body["heads"] = ExitHeadConfig(**(LEGACY_HEADS | body.get("heads", {})))
         return cls(**body)
 
 
@@ -113,15 +133,13 @@ class EarlyExitModel(nn.Module):
         self.config = config
         self.backbone = backbone
         self.tokenizer = tokenizer
-        hidden = backbone.hidden_size
-        if config.is_regression or config.heads.prototype_dim == 0:
-            prototype_dim = 0
-        else:
-            prototype_dim = config.heads.prototype_dim or hidden
+        hidden, heads = backbone.hidden_size, config.heads
+        prototype_dim = 0 if config.is_regression or heads.prototype_dim == 0 else heads.prototype_dim or hidden
+        last = backbone.num_layers - 1
         self.heads = nn.ModuleList(
-            ExitHead(hidden, config.num_labels, prototype_dim, config.heads.distance, config.heads.dropout,
-                     config.heads.pooling or "cls")
-            for _ in range(backbone.num_layers)
+            ExitHead(hidden, config.num_labels, prototype_dim if index < last or heads.final_prototypes else 0,
+                     heads.distance, heads.dropout, heads.pooling or "cls", heads.prototypes, heads.prototype_momentum)
+            for index in range(backbone.num_layers)
         )
 
     @property
@@ -160,7 +178,7 @@ class EarlyExitModel(nn.Module):
                 if isinstance(module, nn.Linear):
                     nn.init.normal_(module.weight, std=std)
                     nn.init.zeros_(module.bias)
-            if head.prototypes is not None:
+            if isinstance(head.prototypes, nn.Parameter):  # running-mean prototypes start from their first batch
                 nn.init.normal_(head.prototypes, std=std)
             if pooler_state is not None:
                 head.pooler.load_state_dict(pooler_state)
@@ -171,26 +189,34 @@ class EarlyExitModel(nn.Module):
         attention_mask: torch.Tensor,
         token_type_ids: torch.Tensor | None = None,
         with_prototypes: bool = True,
+        labels: torch.Tensor | None = None,
     ) -> EarlyExitOutput:
-        """Every exit head's output (the training and offline-evaluation path: no early stop)."""
+        """Every exit head's output (the training and offline-evaluation path: no early stop).
+
+        labels: in training mode they update running-mean prototypes (rows labelled −1 do not count).
+        """
         hidden = self.backbone.embed(input_ids, token_type_ids)
         context = self.backbone.context(hidden, attention_mask)
         layers = []
         for index, head in enumerate(self.heads):
             hidden = self.backbone.run_layer(index, hidden, context)
-            layers.append(head(hidden, attention_mask, with_prototypes=with_prototypes))
+            layers.append(head(hidden, attention_mask, with_prototypes=with_prototypes, labels=labels))
         return EarlyExitOutput(layers)
 
     def overhead(self) -> dict[str, int | float]:
         """Parameter counts of backbone, classifiers and prototypical networks (DESIGN §1)."""
         backbone = count_parameters(self.backbone)
         classifiers = sum(count_parameters(h.pooler) + count_parameters(h.classifier) for h in self.heads)
-        prototypes = sum(count_parameters(h.projection) + h.prototypes.numel() for h in self.heads if h.has_prototypes)
+        with_prototypes = [h for h in self.heads if h.has_prototypes]
+        prototypes = sum(count_parameters(h.projection) + h.prototypes.numel() for h in with_prototypes)
+        per_layer = prototypes // max(1, len(with_prototypes))
         return {
             "backbone_parameters": backbone,
             "classifier_parameters": classifiers,
             "prototype_parameters": prototypes,
-            "prototype_parameters_per_layer": prototypes // max(1, self.num_layers),
+            "prototype_parameters_per_layer": per_layer,
+            # the last layer always exits, so no indicator reads a prototypical network there
+            "prototype_parameters_saved_on_last_layer": per_layer if with_prototypes and not self.heads[-1].has_prototypes else 0,
             "overhead_fraction": (classifiers + prototypes) / backbone,
         }
 

@@ -182,7 +182,16 @@ class ExitPolicy:
         return indicator < self.threshold if below else indicator > self.threshold
 
     def step(self, output: HeadOutput, state: ExitState, is_last: bool) -> ExitStep:
-        """Exit decisions at one layer from its head output and the carried state."""
+        """Exit decisions at one layer from its head output and the carried state.
+
+        A last layer without a prototypical network has no value of a prototype criterion: everything exits
+        there, with indicator NaN.
+        """
+        if is_last and self.needs_prototypes and output.distances is None:
+            prediction = output.logits.float().argmax(-1)  # prototype criteria are for classification only
+            indicator = torch.full(prediction.shape, math.nan, device=prediction.device)
+            return ExitStep(torch.ones_like(state.streak, dtype=torch.bool), indicator, prediction,
+                            ExitState(state.streak, prediction))
         indicator, prediction = self.indicator(output, state.previous)
         streak = torch.where(self.confident(indicator), state.streak + 1, torch.zeros_like(state.streak))
         exits = streak >= self.patience

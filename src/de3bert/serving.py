@@ -118,7 +118,8 @@ class PredictionOut(BaseModel):
     score: float | None = Field(description="predicted score (regression only)")
     probabilities: dict[str, float] | None = Field(description="class probabilities at the exit layer")
     exit_layer: int = Field(description="1-based layer the input left at")
-    indicator: float = Field(description="the criterion's indicator value at the exit layer")
+    indicator: float | None = Field(description="the criterion's indicator value at the exit layer (null for a "
+                                                "prototype criterion at a last layer without prototypes)")
 
 
 class PredictResponse(BaseModel):

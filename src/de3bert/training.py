@@ -345,8 +345,10 @@ class Trainer:
         own, weight = process_share(indices, self.accelerator.process_index, self.accelerator.num_processes)
         batch = Collator(self.model.tokenizer)([self.train_examples[i] for i in own])
         labels = batch.pop("labels").to(self.accelerator.device)
+        # a process's stand-in row (weight 0) must not move the running-mean prototypes: label −1 is not counted
+        prototype_labels = labels if weight else torch.full_like(labels, -1)
         output = model(**{k: v.to(self.accelerator.device) for k, v in batch.items()},
-                       with_prototypes=self.recipe.prototypes)
+                       with_prototypes=self.recipe.prototypes, labels=prototype_labels)
         loss = weight * early_exit_loss(output.layers, labels, loss_config)
         self.accelerator.backward(loss)
         self.accelerator.clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
