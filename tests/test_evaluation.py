@@ -3,7 +3,7 @@ import torch
 
 from de3bert.data import get_task
 from de3bert.errors import PolicyError
-from de3bert.evaluation import (LayerOutputs, calibrate, calibrated_table, candidate_policies, evaluate_policy,
+from de3bert.evaluation import (LayerOutputs, calibrate, calibrated_table, candidate_policies, choose_policy, evaluate_policy,
                                 most_conservative, indicator_auroc, layer_metrics, oracle, sweep)
 from de3bert.policies import ExitPolicy
 
@@ -99,3 +99,40 @@ def test_regression_tolerances_above_one_reach_the_earliest_exit():
     outputs = LayerOutputs(scores, None, torch.rand(50) * 5)
     policy = calibrate("regression-patience", outputs, get_task("stsb"), 3.0, patience=1)
     assert evaluate_policy(policy, outputs, get_task("stsb"))["speedup"] == pytest.approx(3.0)
+
+
+def two_layer_outputs(entropy_knows: bool) -> LayerOutputs:
+    """8 inputs, right at layer 2; at layer 1 inputs 0–3 are right and 4–7 wrong. One indicator ranks the right ones
+    as certain, the other the wrong ones: entropy when `entropy_knows`, the distance ratio otherwise."""
+    labels = torch.tensor([0] * 8)
+    certain, doubtful = [6.0, 0.0], [0.3, 0.0]
+    first = [certain if (i < 4) == entropy_knows else doubtful for i in range(8)]
+    first = [row if i < 4 else row[::-1] for i, row in enumerate(first)]  # 4–7 predict class 1 (wrong)
+    logits = torch.tensor([first, [[5.0, 0.0]] * 8])
+    near, far = [1.0, 9.0], [4.0, 5.0]  # DR 0.06 (certain) and 0.4 (doubtful) for the predicted class
+    dr_certain = [(i >= 4) == entropy_knows for i in range(8)]
+    distances = torch.tensor([[(near if c else far) if i < 4 else (near if c else far)[::-1]
+                               for i, c in enumerate(dr_certain)]])
+    return LayerOutputs(logits, distances, labels)
+
+
+@pytest.mark.parametrize("entropy_knows, winner", [(True, "entropy"), (False, "dr")])
+def test_the_default_criterion_is_the_calibration_winner(entropy_knows, winner):
+    outputs = two_layer_outputs(entropy_knows)
+    policy, record = choose_policy(("dr", "entropy"), outputs, SST2, 4 / 3, preferred="dr")
+    assert policy.criterion == record["criterion"] == winner
+    best, other = record["standings"]
+    assert (best["criterion"], best["metric"]) == (winner, 1.0) and other["metric"] == 0.5
+    assert evaluate_policy(policy, outputs, SST2)["accuracy"] == 1.0
+    forced, record = choose_policy(("dr", "entropy"), outputs, SST2, 4 / 3, preferred="entropy", forced=True)
+    assert forced.criterion == "entropy" and record["forced"]
+
+
+def test_a_tie_goes_to_the_recipes_own_criterion_and_an_unreachable_target_to_its_fastest_policy():
+    outputs = three_layer_outputs()
+    policy, record = choose_policy(("entropy", "confidence"), outputs, SST2, 1.2, preferred="confidence")
+    assert record["standings"][0]["metric"] == record["standings"][1]["metric"]  # two classes: the same exits
+    assert policy.criterion == "confidence"
+    policy, record = choose_policy(("entropy", "confidence"), outputs, SST2, 5.0, preferred="entropy")
+    assert policy.criterion == "entropy" and all("error" in row for row in record["standings"])
+    assert evaluate_policy(policy, outputs, SST2)["speedup"] == pytest.approx(3.0)

@@ -30,7 +30,12 @@ def test_de3_training_learns_and_writes_a_calibrated_checkpoint(tmp_path, tiny_b
     model = EarlyExitModel.from_pretrained(result.output_dir)
     config = model.config
     assert config.labels == ["0", "1"] and config.task == "sst2"
-    assert config.policy["criterion"] == "edr"
+    # the default criterion is the calibration winner (on this trivially separable task they tie: the recipe's own)
+    selection = config.policy_selection
+    assert config.policy["criterion"] == selection["criterion"] == selection["standings"][0]["criterion"]
+    assert selection["preferred"] == "edr" and not selection["forced"]
+    assert {row["criterion"] for row in selection["standings"]} == {"edr", "entropy", "confidence", "dr", "patience",
+                                                                     "pcee"}
     assert {row["policy"] for row in config.calibration} == {"edr", "entropy", "confidence", "dr", "patience", "pcee"}
     layer_metrics = config.training["layer_metrics"]
     assert len(layer_metrics) == 4
@@ -39,7 +44,18 @@ def test_de3_training_learns_and_writes_a_calibrated_checkpoint(tmp_path, tiny_b
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert config.training["train_examples"] == 96 and config.training["calibration_examples"] == 32
-    assert (result.output_dir / "README.md").read_text().startswith("# de3bert early-exit model: sst2")
+    card = (result.output_dir / "README.md").read_text()
+    assert card.startswith("# de3bert early-exit model: sst2") and "scores best on the calibration split at 2x" in card
+
+
+def test_criterion_option_forces_the_default_policy(tmp_path, tiny_backbone_dir, glue_dir, capsys):
+    result = train("sst2", str(tiny_backbone_dir), args_for(tmp_path, epochs=1, criterion="patience"),
+                   data_dir=str(glue_dir))
+    config = EarlyExitModel.from_pretrained(result.output_dir).config
+    assert config.policy["criterion"] == "patience" and config.policy_selection["forced"]
+    assert "default exit policy: patience, as asked by --criterion" in capsys.readouterr().out
+    with pytest.raises(De3bertError, match="criterion 'edr' reads prototypes, which recipe 'pabee' does not train"):
+        args_for(tmp_path, recipe="pabee", criterion="edr")
 
 
 @pytest.mark.parametrize("recipe", ["pabee", "deebert"])
@@ -47,7 +63,7 @@ def test_baseline_recipes_train_without_prototypes(tmp_path, tiny_backbone_dir, 
     result = train("sst2", str(tiny_backbone_dir), args_for(tmp_path, recipe=recipe, epochs=1), data_dir=str(glue_dir))
     model = EarlyExitModel.from_pretrained(result.output_dir)
     assert not model.heads[0].has_prototypes
-    assert model.config.policy["criterion"] == RECIPES[recipe].criterion
+    assert model.config.policy_selection["preferred"] == RECIPES[recipe].criterion
     assert "edr" not in {row["policy"] for row in model.config.calibration}
 
 

@@ -58,7 +58,7 @@ def cmd_train(args) -> None:
             head_learning_rate=args.head_learning_rate, batch_size=args.batch_size, seed=args.seed, alpha=args.alpha,
             beta=args.beta, target_speedup=args.target_speedup, lam=args.lam, max_train_samples=args.max_train_samples,
             calibration_fraction=args.calibration_fraction, max_length=args.max_length,
-            save_every_steps=args.save_every_steps, progress=not args.no_progress)
+            save_every_steps=args.save_every_steps, criterion=args.criterion, progress=not args.no_progress)
         heads = ExitHeadConfig(prototype_dim=args.prototype_dim, distance=args.distance, dropout=args.head_dropout,
                                pooling=args.pooling, prototypes=args.prototypes,
                                prototype_momentum=args.prototype_momentum)
@@ -216,6 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--target-speedup", type=float, default=2.0,
                        help="layer speed-up the checkpoint's default policy is calibrated to")
     train.add_argument("--lam", type=float, default=1.0, help="λ of EDR")
+    train.add_argument("--criterion", choices=["edr", "entropy", "confidence", "dr", "patience", "pcee",
+                                                "regression-patience"],
+                       help="criterion of the default exit policy (default: the one that scores best on the "
+                            "calibration split at --target-speedup; the recipe's own on a tie)")
     train.add_argument("--data-dir", help=DATA_HELP)
     train.add_argument("--hub-dataset", help=HUB_HELP)
     train.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -19,3 +19,7 @@ class PolicyError(De3bertError):
 
 class BackboneError(De3bertError):
     """A backbone could not be found, assembled or driven layer by layer."""
+
+
+class DeviceError(De3bertError):
+    """A device or precision was asked for that this machine cannot provide."""

@@ -179,9 +179,36 @@ def calibrate(criterion: str, outputs: LayerOutputs, task: TaskSpec, target_spee
     return most_conservative(_scored_candidates(criterion, outputs, **grid), criterion, target_speedup)
 
 
-def fastest_policy(criterion: str, outputs: LayerOutputs, **grid) -> ExitPolicy:
-    """The criterion's policy with the largest layer speed-up on these outputs."""
-    return max(_scored_candidates(criterion, outputs, **grid), key=lambda sp: sp[0])[1]
+def choose_policy(criteria: tuple[str, ...], calibration: LayerOutputs, task: TaskSpec, target_speedup: float,
+                  preferred: str, forced: bool = False, **grid) -> tuple[ExitPolicy, dict]:
+    """The default exit policy and the record of how it was chosen (a checkpoint's `policy_selection`).
+
+    Each criterion is calibrated to the target speed-up on the calibration outputs and scored there; the winner
+    is the highest metric among those that reach the target (ties: `preferred`, the recipe's own criterion).
+    `forced` takes `preferred` whatever the others score. A winner that cannot reach the target (nothing can,
+    or the forced one cannot) gives its fastest policy.
+    """
+    standings, policies = [], {}
+    for criterion in criteria:
+        scored = _scored_candidates(criterion, calibration, **grid)
+        try:
+            policies[criterion] = most_conservative(scored, criterion, target_speedup)
+        except PolicyError as exc:
+            policies[criterion] = fastest_of(scored)
+            standings.append({"criterion": criterion, "error": str(exc)})
+            continue
+        row = evaluate_policy(policies[criterion], calibration, task)
+        standings.append({"criterion": criterion, "metric": row["metric"], "speedup": row["speedup"]})
+    # best first; among equal metrics the preferred criterion first, then the given order
+    standings.sort(key=lambda r: ("metric" not in r, -r.get("metric", 0.0), r["criterion"] != preferred))
+    winner = preferred if forced or "metric" not in standings[0] else standings[0]["criterion"]
+    return policies[winner], {"criterion": winner, "preferred": preferred, "forced": forced,
+                              "target_speedup": target_speedup, "metric": task.main_metric, "standings": standings}
+
+
+def fastest_of(scored: list[tuple[float, T]]) -> T:
+    """Of (layer speed-up, setting) pairs, the setting with the largest speed-up."""
+    return max(scored, key=lambda sp: sp[0])[1]
 
 
 def calibrated_table(criteria: tuple[str, ...], calibration: LayerOutputs, evaluation: LayerOutputs, task: TaskSpec,
@@ -265,7 +292,8 @@ def evaluate_checkpoint(checkpoint: str | Path, task_name: str | None = None, da
     criteria = criteria_for(model)
     layers = layer_metrics(dev, task)
     report = {
-        "checkpoint": str(checkpoint), "task": task.name, "metric": task.main_metric, "num_layers": dev.num_layers,
+        "checkpoint": str(checkpoint), "task": task.name, "recipe": model.config.training.get("recipe"),
+        "metric": task.main_metric, "num_layers": dev.num_layers,
         "dev_examples": len(dev_examples), "calibration_split": split_name, "calibration_examples": len(cal_examples),
         "layer_metrics": layers, "full_depth": main_metric(task, layers[-1]), "oracle": oracle(dev, task),
         "sweeps": {c: sweep(c, dev, task, **grid) for c in criteria},
@@ -289,7 +317,7 @@ def write_report(report: dict, output_dir: Path) -> None:
     _write_csv(output_dir / "calibrated.csv", report["calibrated"])
     plot_tradeoff(report["sweeps"], output_dir / "tradeoff.png",
                   f"{report['task']}: accuracy/speed trade-off ({report['num_layers']} layers)", report["metric"],
-                  report["full_depth"], report["oracle"], report["calibrated"])
+                  report["full_depth"], report["oracle"], report["calibrated"], report.get("recipe"))
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:

@@ -4,7 +4,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from de3bert.policies import PAPER_NAMES
+
+def describe_choice(selection: dict) -> str:
+    """One sentence saying which criterion a `choose_policy` record (evaluation.py) picked, and by how much."""
+    rows = {r["criterion"]: r for r in selection["standings"]}
+    winner, preferred, metric = selection["criterion"], selection["preferred"], selection["metric"]
+    target = f"{selection['target_speedup']:g}x"
+    if "metric" not in rows[winner]:
+        return f"{rows[winner]['error']}; the default exit policy is the fastest reachable one"
+    score = f"calibration {metric} {rows[winner]['metric']:.4f} at {rows[winner]['speedup']:.2f}x"
+    best = selection["standings"][0]
+    if selection["forced"]:
+        beaten = "" if best["criterion"] == winner else f"; best was {best['criterion']} with {best['metric']:.4f}"
+        return f"{winner}, as asked by --criterion ({score}{beaten})"
+    others = [r for r in selection["standings"] if r["criterion"] != winner and "metric" in r]
+    if winner == preferred:
+        margin = f", {rows[winner]['metric'] - others[0]['metric']:+.4f} against {others[0]['criterion']}" if others else ""
+        return f"{winner}, the recipe's own, scores best on the calibration split at {target} ({score}){margin}"
+    own = rows[preferred]
+    against = (f"{rows[winner]['metric'] - own['metric']:+.4f} against the recipe's own {preferred}"
+               if "metric" in own else f"the recipe's own {preferred} cannot reach {target}")
+    return f"{winner} scores best on the calibration split at {target} ({score}), {against}"
 
 
 def _table(rows: list[dict], columns: list[str]) -> str:
@@ -41,8 +61,9 @@ def render_model_card(config, plot: str | None = None) -> str:
                      + (f" (train subsampled to {training['max_train_samples']})"
                         if training.get("max_train_samples") else ""))
     if config.policy:
-        lines.append(f"- default exit policy: {PAPER_NAMES.get(config.policy['criterion'], config.policy['criterion'])} "
-                     f"τ={config.policy['threshold']:.4g}, patience {config.policy['patience']}")
+        lines.append(f"- default exit policy: {config.policy['criterion']} τ={config.policy['threshold']:.4g}, "
+                     f"patience {config.policy['patience']}"
+                     + (f": {describe_choice(config.policy_selection)}" if config.policy_selection else ""))
     layer_metrics = training.get("layer_metrics")
     if layer_metrics:
         lines += ["", "## Metric of every exit (dev)", "", _table(layer_metrics, list(layer_metrics[0]))]

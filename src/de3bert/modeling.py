@@ -71,6 +71,8 @@ class EarlyExitConfig:
     backbone: the backbone's Hugging Face config as a dict. backbone_name: where it came from.
     labels: the task's label strings in index order (empty for regression).
     policy: the default exit policy (ExitPolicy as a dict), calibrated after training.
+    policy_selection: how that policy's criterion was chosen (evaluation.choose_policy): the calibration metric
+        of every criterion at the target speed-up, the winner, and whether it was forced.
     calibration: rows of the calibrated trade-off table (policy, target and measured speed-ups).
     training: the training arguments and results, for the model card.
     """
@@ -82,6 +84,7 @@ class EarlyExitConfig:
     heads: ExitHeadConfig = field(default_factory=ExitHeadConfig)
     max_length: int = 128
     policy: dict | None = None
+    policy_selection: dict = field(default_factory=dict)
     calibration: list[dict] = field(default_factory=list)
     training: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION

@@ -9,7 +9,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from de3bert.policies import PAPER_NAMES  # noqa: E402
+from de3bert.policies import criterion_label  # noqa: E402
+
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+LINESTYLES = ("-", "--", "-.", ":")
 
 
 def pareto_front(rows: list[dict]) -> list[dict]:
@@ -22,17 +25,33 @@ def pareto_front(rows: list[dict]) -> list[dict]:
     return sorted(front, key=lambda r: r["speedup"])
 
 
+def coinciding_curves(sweeps: dict[str, list[dict]]) -> list[list[str]]:
+    """Criteria grouped by identical Pareto fronts (entropy and max-probability always coincide on two classes:
+    both are monotone in max p), in the sweeps' order."""
+    groups: dict[tuple, list[str]] = {}
+    for criterion, rows in sweeps.items():
+        key = tuple((round(r["speedup"], 9), round(r["metric"], 9)) for r in pareto_front(rows))
+        groups.setdefault(key, []).append(criterion)
+    return list(groups.values())
+
+
 def plot_tradeoff(sweeps: dict[str, list[dict]], path: str | Path, title: str, metric_name: str,
                   full_depth: float | None = None, oracle: dict | None = None,
-                  calibrated: list[dict] | None = None) -> Path:
-    """Save a PNG of metric vs speed-up for each criterion's sweep (its Pareto front)."""
+                  calibrated: list[dict] | None = None, recipe: str | None = None) -> Path:
+    """Save a PNG of metric vs speed-up for each criterion's sweep (its Pareto front).
+
+    Curves are named by criterion (a method's name only for the criterion of the recipe the model was trained
+    with); criteria whose curves coincide share one line whose label says so.
+    """
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     colors = {}
-    for criterion, rows in sweeps.items():
-        front = pareto_front(rows)
-        (line,) = ax.plot([r["speedup"] for r in front], [r["metric"] for r in front], marker=".",
-                          label=PAPER_NAMES.get(criterion, criterion))
-        colors[criterion] = line.get_color()
+    for index, group in enumerate(coinciding_curves(sweeps)):
+        front = pareto_front(sweeps[group[0]])
+        label = " = ".join(criterion_label(c, recipe) for c in group) + (" (same exits)" if len(group) > 1 else "")
+        (line,) = ax.plot([r["speedup"] for r in front], [r["metric"] for r in front], label=label,
+                          marker=MARKERS[index % len(MARKERS)], markersize=4,
+                          linestyle=LINESTYLES[index % len(LINESTYLES)])
+        colors |= dict.fromkeys(group, line.get_color())
     for row in calibrated or []:
         if "speedup" in row:
             ax.scatter(row["speedup"], row["metric"], marker="o", s=60, facecolors="none",

@@ -72,11 +72,20 @@ CRITERIA = {
     "regression-patience": (False, True),
     "full-depth": (False, True),
 }
-PAPER_NAMES = {
-    "edr": "DE³ (EDR)", "entropy": "DeeBERT (entropy)", "confidence": "max-probability",
-    "dr": "DR only", "pcee": "PCEE (entropy+patience)", "patience": "PABEE (patience)",
-    "regression-patience": "patience (regression)", "full-depth": "full depth (no early exit)",
+CRITERION_NAMES = {
+    "edr": "EDR", "entropy": "entropy", "confidence": "max-probability", "dr": "distance ratio",
+    "pcee": "entropy + patience", "patience": "patience", "regression-patience": "patience (regression)",
+    "full-depth": "full depth (no early exit)",
 }
+# the method a criterion stands for when the model was trained with that method's recipe
+METHOD_NAMES = {("de3", "edr"): "DE³ (EDR)", ("deebert", "entropy"): "DeeBERT (entropy)",
+                ("pabee", "patience"): "PABEE (patience)", ("pabee", "pcee"): "PCEE (entropy + patience)"}
+
+
+def criterion_label(criterion: str, recipe: str | None = None) -> str:
+    """How to name a criterion on a model trained with `recipe`: the method's name only where the model was
+    trained the way that method trains ("entropy", not "DeeBERT (entropy)", on a DE³ model)."""
+    return METHOD_NAMES.get((recipe, criterion), CRITERION_NAMES.get(criterion, criterion))
 
 
 @dataclass

@@ -24,9 +24,10 @@ from de3bert.atomic import write_file
 from de3bert.data import (Collator, EncodedExample, TaskSpec, encode_examples, load_split, main_metric, split_off,
                           subsample)
 from de3bert.errors import CheckpointError, De3bertError, PolicyError
-from de3bert.evaluation import (CLASSIFICATION_CRITERIA, LayerOutputs, calibrate, calibrated_table, fastest_policy,
-                                collect_layer_outputs, layer_metrics)
+from de3bert.evaluation import (CLASSIFICATION_CRITERIA, LayerOutputs, calibrated_table, choose_policy,
+                                collect_layer_outputs, criteria_for, layer_metrics)
 from de3bert.losses import LossConfig, early_exit_loss
+from de3bert.model_card import describe_choice
 from de3bert.modeling import EarlyExitModel, ExitHeadConfig
 from de3bert.training_state import (STATE_DIR, TrainingState, capture_rng, load_training_state, restore_rng,
                                     save_training_state, state_path)
@@ -111,6 +112,9 @@ class TrainingArguments:
     """λ of the hybrid indicator EDR."""
     pcee_patience: int = 2
     """Patience t of PCEE when it is swept and calibrated."""
+    criterion: str | None = None
+    """Criterion of the default exit policy (None: the one that scores best on the calibration split at
+    target_speedup, the recipe's own on a tie)."""
     max_train_samples: int | None = None
     """Train on a fixed random subsample of this many examples (None: all)."""
     calibration_fraction: float = 0.1
@@ -134,6 +138,12 @@ class TrainingArguments:
             raise De3bertError(f"batch_size must be at least 1, got {self.batch_size}")
         if self.save_every_steps < 0:
             raise De3bertError(f"save_every_steps must be 0 or more, got {self.save_every_steps}")
+        if self.criterion is not None and self.criterion not in (*CLASSIFICATION_CRITERIA, "regression-patience"):
+            raise De3bertError(f"unknown criterion '{self.criterion}'; choose one of "
+                               f"{', '.join(CLASSIFICATION_CRITERIA)} or regression-patience")
+        if self.criterion in ("edr", "dr") and not RECIPES[self.recipe].prototypes:
+            raise De3bertError(f"criterion '{self.criterion}' reads prototypes, which recipe '{self.recipe}' does not "
+                               "train; use --recipe de3")
 
     def to_dict(self) -> dict:
         """JSON-ready form."""
@@ -230,6 +240,9 @@ class Trainer:
         self.global_step = 0
         self.best_score, self.best_state = -math.inf, None
         self.stop_after_steps = int(os.environ.get(STOP_AFTER_STEPS_ENV, 0))
+        if args.criterion is not None and args.criterion not in criteria_for(model):
+            raise De3bertError(f"criterion '{args.criterion}' does not apply to a model for task {model.config.task}; "
+                               f"choose one of {', '.join(criteria_for(model))}")
 
     def _set_trainable(self, stage: Stage) -> list[torch.nn.Parameter]:
         last = len(self.model.heads) - 1
@@ -388,22 +401,21 @@ class Trainer:
                    lambda handle: handle.write(json.dumps(self.history, indent=2).encode()))
 
     def _calibrate(self, dev: LayerOutputs) -> None:
-        """Calibrate the recipe's criterion (and the others it supports) on the calibration split."""
+        """Calibrate every criterion the model supports on the calibration split; the default policy is the one
+        that scores best there at the target speed-up (or the one --criterion asks for)."""
         config = self.model.config
         grid = {"patience": self.args.pcee_patience, "lam": self.args.lam}
         calibration = collect_layer_outputs(self.model, self.calibration or self.dev, self.args.eval_batch_size)
-        if self.task.is_regression:
-            criteria, default = ("regression-patience",), "regression-patience"
-        else:
-            default = self.recipe.criterion
-            criteria = tuple(c for c in CLASSIFICATION_CRITERIA if self.recipe.prototypes or c not in ("edr", "dr"))
+        criteria = criteria_for(self.model)
         config.calibration = calibrated_table(criteria, calibration, dev, self.task, **grid)
-        try:
-            config.policy = calibrate(default, calibration, self.task, self.args.target_speedup, **grid).to_dict()
-        except PolicyError as exc:
-            config.policy = fastest_policy(default, calibration, **grid).to_dict()
-            # the range in exc ends at the fastest speed-up (rounded down): no second, differently rounded number
-            self.accelerator.print(f"warning: {exc}; the default exit policy is the fastest reachable one")
+        preferred = self.args.criterion or ("regression-patience" if self.task.is_regression else self.recipe.criterion)
+        policy, config.policy_selection = choose_policy(criteria, calibration, self.task, self.args.target_speedup,
+                                                        preferred, forced=self.args.criterion is not None, **grid)
+        config.policy = policy.to_dict()
+        reached = any("metric" in r and r["criterion"] == config.policy_selection["criterion"]
+                      for r in config.policy_selection["standings"])
+        self.accelerator.print(f"{'default exit policy' if reached else 'warning'}: "
+                               f"{describe_choice(config.policy_selection)}")
 
 
 def train(task_name: str, backbone: str, args: TrainingArguments, data_dir: str | None = None,
