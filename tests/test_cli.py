@@ -54,6 +54,7 @@ def test_predict_file_writes_predictions_in_order(tiny_checkpoint, tmp_path):
     (["train", "--task", "sst2"], "give --task and --output (or --resume dir"),
     (["train", "--resume", "/nonexistent/run"], "holds no training state"),
     (["train", "--resume", "/nonexistent/run", "--epochs", "5", "--seed", "1"], "drop --epochs --seed"),
+    (["evaluate", "/nonexistent/checkpoint", "--device", "tpu"], "unknown device 'tpu'"),
 ])
 def test_errors_are_one_line_not_tracebacks(argv, message, capsys):
     assert main(argv) == 2
@@ -95,3 +96,11 @@ def test_training_counts_truncated_inputs(tiny_backbone_dir, glue_dir, tmp_path,
     out = capsys.readouterr().out
     # "the film was <2..6 words>" is 5..9 tokens with [CLS]/[SEP]: most, not all, are cut to 6
     assert re.search(r"note: \d+ of 36 train inputs were longer than 6 tokens and were truncated", out)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_asking_for_a_gpu_on_a_machine_without_one_is_one_line(tiny_checkpoint, glue_dir, capsys):
+    assert main(["evaluate", str(tiny_checkpoint), "--data-dir", str(glue_dir), "--device", "cuda"]) == 2
+    assert capsys.readouterr().err.strip() == ("de3bert evaluate: error: device 'cuda' is not available: this machine "
+                                               "has no usable CUDA GPU (torch.cuda.is_available() is False); use "
+                                               "--device cpu")

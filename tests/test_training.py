@@ -67,8 +67,8 @@ def test_baseline_recipes_train_without_prototypes(tmp_path, tiny_backbone_dir, 
     assert "edr" not in {row["policy"] for row in model.config.calibration}
 
 
-def test_deebert_second_stage_trains_only_internal_heads(tmp_path):
-    model = tiny_model()
+def test_deebert_second_stage_trains_only_internal_heads(tmp_path, tokenizer):
+    model = tiny_model(tokenizer=tokenizer)
     trainer = Trainer(model, args_for(tmp_path, recipe="deebert"), None, [], [], [])
     trainable = trainer._set_trainable(RECIPES["deebert"].stages[1])
     names = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -188,3 +188,33 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, token
     assert "2 processes, 13 examples per step in all" in launched.stdout
     assert history(output) == pytest.approx(history(single), rel=1e-6)
     assert max_weight_difference(single, output) < 2e-4
+
+
+def test_bf16_mixed_precision_trains_on_the_cpu_and_fp16_or_a_missing_gpu_are_clear_errors(
+        tmp_path, tiny_backbone_dir, glue_dir, capsys):
+    result = train("sst2", str(tiny_backbone_dir), args_for(tmp_path, epochs=1, precision="bf16", device="cpu"),
+                   data_dir=str(glue_dir))
+    model = EarlyExitModel.from_pretrained(result.output_dir)
+    assert next(model.parameters()).dtype == torch.float32  # mixed precision: the weights stay float32
+    assert model.config.training["precision"] == "bf16"
+    with pytest.raises(De3bertError, match="fp16 mixed precision needs a CUDA GPU"):
+        Trainer(tiny_model(tokenizer=model.tokenizer), args_for(tmp_path, precision="fp16", device="cpu"), None, [], [],
+                [])
+    if not torch.cuda.is_available():
+        argv = cli_train_argv(tiny_backbone_dir, glue_dir, tmp_path / "gpu", device="cuda")
+        assert main(argv) == 2
+        assert "error: device 'cuda' is not available: this machine has no usable CUDA GPU" in capsys.readouterr().err
+
+
+def test_stages_compute_only_the_heads_their_loss_reads(tmp_path, tokenizer):
+    from de3bert.training import trained_exits
+
+    stages = RECIPES["deebert"].stages
+    assert trained_exits(stages[0].loss, 4) == [3] and trained_exits(stages[1].loss, 4) == [0, 1, 2]
+    model = tiny_model(tokenizer=tokenizer)
+    calls = []
+    for index, head in enumerate(model.heads):
+        head.register_forward_hook(lambda *args, index=index: calls.append(index))
+    from tests.conftest import padded_batch
+    output = model(**padded_batch(), exits=[3])
+    assert calls == [3] and output.layers[:3] == [None] * 3 and output.layers[3] is not None

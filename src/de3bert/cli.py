@@ -34,7 +34,8 @@ def _policy(args) -> "ExitPolicy | None":
     return ExitPolicy(args.criterion, threshold=args.threshold, patience=args.patience, lam=args.lam)
 
 
-RESUME_OPTIONS = ("resume", "data_dir", "no_progress")  # the train options that may accompany --resume
+# the train options that may accompany --resume: where the data and the run are now, and progress bars
+RESUME_OPTIONS = ("resume", "data_dir", "no_progress", "device")
 
 
 def cmd_train(args) -> None:
@@ -49,7 +50,8 @@ def cmd_train(args) -> None:
         if repeated:
             raise De3bertError("--resume continues a run with the options it was started with; "
                                f"drop {' '.join(repeated)}")
-        result = resume(args.resume, args.data_dir, progress=not args.no_progress)
+        result = resume(args.resume, args.data_dir, progress=not args.no_progress,
+                        device=None if args.device == "auto" else args.device)
     else:
         if args.task is None or args.output is None:
             raise De3bertError("give --task and --output (or --resume DIR to continue a stopped run)")
@@ -58,12 +60,13 @@ def cmd_train(args) -> None:
             head_learning_rate=args.head_learning_rate, batch_size=args.batch_size, seed=args.seed, alpha=args.alpha,
             beta=args.beta, target_speedup=args.target_speedup, lam=args.lam, max_train_samples=args.max_train_samples,
             calibration_fraction=args.calibration_fraction, max_length=args.max_length,
-            save_every_steps=args.save_every_steps, criterion=args.criterion, progress=not args.no_progress)
+            save_every_steps=args.save_every_steps, criterion=args.criterion, device=args.device,
+            precision=args.precision, progress=not args.no_progress)
         heads = ExitHeadConfig(prototype_dim=args.prototype_dim, distance=args.distance, dropout=args.head_dropout,
                                pooling=args.pooling, prototypes=args.prototypes,
                                prototype_momentum=args.prototype_momentum)
         result = train(args.task, args.model, training_args, args.data_dir, args.hub_dataset, heads)
-    process_state().print(f"best checkpoint (selection score {result.best_score:.4f}) saved to {result.output_dir}")
+    process_state(args.device).print(f"best checkpoint (selection score {result.best_score:.4f}) saved to {result.output_dir}")
 
 
 def cmd_evaluate(args) -> None:
@@ -71,7 +74,8 @@ def cmd_evaluate(args) -> None:
 
     output = Path(args.output) if args.output else Path(args.checkpoint) / "evaluation"
     report = evaluate_checkpoint(args.checkpoint, args.task, args.data_dir, args.hub_dataset, output,
-                                 pcee_patience=args.pcee_patience, progress=not args.no_progress)
+                                 pcee_patience=args.pcee_patience, progress=not args.no_progress, device=args.device,
+                                 precision=args.precision)
     metric = report["metric"]
     print(f"\n{report['task']} dev ({report['dev_examples']} examples): {metric} of every exit")
     print(_table(report["layer_metrics"], list(report["layer_metrics"][0])))
@@ -151,6 +155,14 @@ def cmd_serve(args) -> None:
     serve(settings, args.host, args.port, args.workers)
 
 
+def _add_device_options(parser: argparse.ArgumentParser, training: bool = False) -> None:
+    what = "mixed precision of forward and backward passes" if training else "precision of the weights"
+    parser.add_argument("--device", default="auto",
+                        help="where to run: auto (a CUDA GPU when there is one, else the CPU), cpu, cuda or cuda:N")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                        help=f"{what}: auto is fp32 on the CPU and bf16 on a GPU (fp16 where it has no bf16)")
+
+
 def _add_policy_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("exit policy (default: the one calibrated into the checkpoint)")
     group.add_argument("--criterion", choices=["edr", "entropy", "confidence", "dr", "patience", "pcee",
@@ -222,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "calibration split at --target-speedup; the recipe's own on a tie)")
     train.add_argument("--data-dir", help=DATA_HELP)
     train.add_argument("--hub-dataset", help=HUB_HELP)
+    _add_device_options(train, training=True)
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.set_defaults(func=cmd_train)
 
@@ -234,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--pcee-patience", type=int, default=2, help="patience t used for PCEE")
     evaluate.add_argument("--data-dir", help=DATA_HELP)
     evaluate.add_argument("--hub-dataset", help=HUB_HELP)
+    _add_device_options(evaluate)
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")
     evaluate.set_defaults(func=cmd_evaluate)
 

@@ -275,9 +275,10 @@ def calibration_examples(model: EarlyExitModel, task_name: str, data_dir: str | 
 def evaluate_checkpoint(checkpoint: str | Path, task_name: str | None = None, data_dir: str | None = None,
                         hub_dataset: str | None = None, output_dir: str | Path | None = None,
                         batch_size: int = 64, pcee_patience: int = 2, lam: float | None = None,
-                        progress: bool = True) -> dict:
-    """Per-layer metrics, oracle, sweeps and calibrated trade-off of a checkpoint; writes JSON, CSV, PNG."""
-    model = EarlyExitModel.from_pretrained(checkpoint)
+                        progress: bool = True, device: str | None = None, precision: str = "fp32") -> dict:
+    """Per-layer metrics, oracle, sweeps and calibrated trade-off of a checkpoint (run on `device` in `precision`,
+    as in EarlyExitModel.from_pretrained); writes JSON, CSV, PNG."""
+    model = EarlyExitModel.from_pretrained(checkpoint, device=device, precision=precision)
     task_name = task_name or model.config.task
     task, dev_examples = load_split(task_name, "dev", data_dir, hub_dataset)
     if list(task.labels) != model.config.labels:

@@ -68,11 +68,12 @@ def layer_weights(num_layers: int, weighting: str) -> torch.Tensor:
     return weights / weights.sum()
 
 
-def early_exit_loss(outputs: list[HeadOutput], labels: torch.Tensor, config: LossConfig) -> torch.Tensor:
-    """Total loss L = Σ_m w_m·L⁽ᵐ⁾ over all exit heads (layers with weight 0 are skipped)."""
+def early_exit_loss(outputs: list[HeadOutput | None], labels: torch.Tensor, config: LossConfig) -> torch.Tensor:
+    """Total loss L = Σ_m w_m·L⁽ᵐ⁾ over all exit heads (layers with weight 0 are skipped, and may be None)."""
     weights = layer_weights(len(outputs), config.layer_weighting)
-    total = outputs[0].logits.new_zeros(())
+    total = None
     for weight, output in zip(weights.tolist(), outputs):
         if weight:
-            total = total + weight * layer_loss(output, labels, config)
+            term = weight * layer_loss(output, labels, config)
+            total = term if total is None else total + term
     return total

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -16,6 +16,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from de3bert.atomic import replace_directory
 from de3bert.backbones import Backbone, backbone_from_config, count_parameters, load_backbone, resolve_backbone
+from de3bert.devices import DTYPES, resolve_device, resolve_precision
 from de3bert.errors import CheckpointError
 from de3bert.heads import DISTANCES, POOLINGS, ExitHead, HeadOutput
 from de3bert.model_card import write_model_card
@@ -115,7 +116,7 @@ class EarlyExitConfig:
 class EarlyExitOutput:
     """All exit heads' outputs for a batch, layer 1 first; loss when labels were given."""
 
-    layers: list[HeadOutput]
+    layers: list[HeadOutput | None]
     loss: torch.Tensor | None = None
 
     @property
@@ -193,17 +194,21 @@ class EarlyExitModel(nn.Module):
         token_type_ids: torch.Tensor | None = None,
         with_prototypes: bool = True,
         labels: torch.Tensor | None = None,
+        exits: Collection[int] | None = None,
     ) -> EarlyExitOutput:
         """Every exit head's output (the training and offline-evaluation path: no early stop).
 
         labels: in training mode they update running-mean prototypes (rows labelled −1 do not count).
+        exits: 0-based indices of the heads to compute (None: all); the others' outputs are None.
         """
         hidden = self.backbone.embed(input_ids, token_type_ids)
         context = self.backbone.context(hidden, attention_mask)
         layers = []
         for index, head in enumerate(self.heads):
             hidden = self.backbone.run_layer(index, hidden, context)
-            layers.append(head(hidden, attention_mask, with_prototypes=with_prototypes, labels=labels))
+            computed = exits is None or index in exits
+            layers.append(head(hidden, attention_mask, with_prototypes=with_prototypes, labels=labels)
+                          if computed else None)
         return EarlyExitOutput(layers)
 
     def overhead(self) -> dict[str, int | float]:
@@ -243,8 +248,13 @@ class EarlyExitModel(nn.Module):
         return directory
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, expected_labels: list[str] | None = None) -> EarlyExitModel:
-        """Load a checkpoint directory written by save_pretrained."""
+    def from_pretrained(cls, directory: str | Path, expected_labels: list[str] | None = None,
+                        device: str | torch.device | None = None, precision: str = "fp32") -> EarlyExitModel:
+        """Load a checkpoint directory written by save_pretrained, onto `device` (default: the CPU; "auto", "cpu",
+        "cuda", "cuda:N") with weights in `precision` ("fp32", "bf16", "fp16", or "auto": fp32 on the CPU, bf16 on
+        a GPU)."""
+        target = resolve_device(device or "cpu")
+        dtype = DTYPES[resolve_precision(precision, target)]
         directory = Path(directory)
         config = read_config(directory)
         if expected_labels is not None and list(expected_labels) != config.labels:
@@ -270,8 +280,7 @@ class EarlyExitModel(nn.Module):
                 f"(missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {reshaped[:3]})"
             )
         model.load_state_dict(state)
-        model.eval()
-        return model
+        return model.to(device=target, dtype=dtype).eval()  # integer and boolean buffers keep their types
 
 
 def read_config(directory: Path) -> EarlyExitConfig:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 PROTOTYPE_KINDS = ("ema", "learned")
 
@@ -24,8 +25,8 @@ def class_sums(embeddings: torch.Tensor, labels: torch.Tensor, num_classes: int)
     outside 0..C−1 (e.g. −1, a process's padding row) are left out."""
     embeddings = embeddings.detach().float()
     counted = (labels >= 0) & (labels < num_classes)
-    one_hot = torch.zeros(labels.shape[0], num_classes, device=embeddings.device)
-    one_hot[counted.nonzero().squeeze(-1), labels[counted].long()] = 1.0
+    # no boolean indexing: it would wait for the GPU to learn how many rows count
+    one_hot = F.one_hot(labels.long().clamp(0, num_classes - 1), num_classes).float() * counted.unsqueeze(-1)
     return one_hot.T @ embeddings, one_hot.sum(0)
 
 

@@ -23,15 +23,19 @@ from transformers import get_linear_schedule_with_warmup
 from de3bert.atomic import write_file
 from de3bert.data import (Collator, EncodedExample, TaskSpec, encode_examples, load_split, main_metric, split_off,
                           subsample)
-from de3bert.errors import CheckpointError, De3bertError, PolicyError
+from de3bert.devices import PRECISIONS, resolve_device, resolve_precision
+from de3bert.errors import CheckpointError, De3bertError, DeviceError
 from de3bert.evaluation import (CLASSIFICATION_CRITERIA, LayerOutputs, calibrated_table, choose_policy,
                                 collect_layer_outputs, criteria_for, layer_metrics)
-from de3bert.losses import LossConfig, early_exit_loss
+from de3bert.losses import LossConfig, early_exit_loss, layer_weights
 from de3bert.model_card import describe_choice
 from de3bert.modeling import EarlyExitModel, ExitHeadConfig
-from de3bert.training_state import (STATE_DIR, TrainingState, capture_rng, load_training_state, restore_rng,
-                                    save_training_state, state_path)
+from de3bert.phase_timer import PhaseTimer
+from de3bert.training_state import (STATE_DIR, StateWriter, TrainingState, capture_rng, load_training_state,
+                                    restore_rng, state_path)
 
+PROGRESS_EVERY = 10
+"""Steps between progress-bar updates of the loss (reading the loss waits for the device)."""
 STOP_AFTER_STEPS_ENV = "DE3BERT_STOP_AFTER_STEPS"
 """Testing hook: when set to N, the training process SIGKILLs itself right after optimizer step N (and the
 state checkpoint of that step, if one is due), to test crash recovery deterministically."""
@@ -124,6 +128,12 @@ class TrainingArguments:
     save_every_steps: int = 200
     """Write the training state (to resume a stopped run) every this many optimizer steps, and at every epoch
     end (0: at epoch ends only)."""
+    device: str = "auto"
+    """Where to train: auto (a CUDA GPU when there is one, else the CPU), cpu, cuda or cuda:N. Under several
+    processes (torchrun) each process trains on its own GPU."""
+    precision: str = "auto"
+    """Mixed precision of forward and backward: fp32, bf16, fp16 (CUDA only) or auto (fp32 on the CPU, bf16 on a
+    GPU that has it). Weights and optimizer state stay float32."""
     progress: bool = True
     """Show progress bars."""
 
@@ -138,6 +148,8 @@ class TrainingArguments:
             raise De3bertError(f"batch_size must be at least 1, got {self.batch_size}")
         if self.save_every_steps < 0:
             raise De3bertError(f"save_every_steps must be 0 or more, got {self.save_every_steps}")
+        if self.precision not in PRECISIONS:
+            raise De3bertError(f"unknown precision '{self.precision}'; choose one of {', '.join(PRECISIONS)}")
         if self.criterion is not None and self.criterion not in (*CLASSIFICATION_CRITERIA, "regression-patience"):
             raise De3bertError(f"unknown criterion '{self.criterion}'; choose one of "
                                f"{', '.join(CLASSIFICATION_CRITERIA)} or regression-patience")
@@ -203,12 +215,47 @@ def process_share(indices: list[int], process: int, processes: int) -> tuple[lis
     return (own, processes * len(own) / len(indices)) if own else (indices[:1], 0.0)
 
 
-def process_state() -> PartialState:
+def process_state(device: str = "auto") -> PartialState:
     """This process's place in the run: the only one, or one of several under `accelerate launch` / `torchrun`.
 
-    Without CUDA, several processes talk over gloo.
+    On the CPU, several processes talk over gloo.
     """
-    return PartialState(cpu=not torch.cuda.is_available())
+    return PartialState(cpu=resolve_device(device).type == "cpu")
+
+
+MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+def training_accelerator(device: str, precision: str) -> Accelerator:
+    """The Accelerator of a run on `device` with mixed `precision` (names as in TrainingArguments)."""
+    chosen = resolve_device(device)
+    precision = resolve_precision(precision, chosen)
+    if precision == "fp16" and chosen.type != "cuda":
+        raise DeviceError("fp16 mixed precision needs a CUDA GPU; on the CPU use --precision bf16 or fp32")
+    processes = process_state(device).num_processes
+    if chosen.type == "cuda" and ":" in device:
+        if processes > 1:
+            raise DeviceError(f"--device {device} names one GPU, but {processes} processes each train on their own; "
+                              "use --device cuda")
+        torch.cuda.set_device(chosen)
+    return Accelerator(cpu=chosen.type == "cpu", mixed_precision=MIXED_PRECISION[precision])
+
+
+@dataclass
+class StageRun:
+    """One training stage made ready: the (possibly process-wrapped) model, optimizer, schedule and loss."""
+
+    index: int
+    stage: Stage
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    loss: LossConfig
+
+
+def trained_exits(loss: LossConfig, num_layers: int) -> list[int]:
+    """Indices of the exit heads a loss reads (layers it weighs by 0 need not be computed)."""
+    return [m for m, weight in enumerate(layer_weights(num_layers, loss.layer_weighting).tolist()) if weight]
 
 
 def stage_loss(recipe: Recipe, stage: Stage, args: TrainingArguments) -> LossConfig:
@@ -234,7 +281,11 @@ class Trainer:
         self.model, self.args, self.task, self.run = model, args, task, run
         self.train_examples, self.dev, self.calibration = train, dev, calibration
         self.recipe = RECIPES[args.recipe]
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.accelerator = training_accelerator(args.device, args.precision)
+        self.collator = Collator(model.tokenizer)
+        self.timer = PhaseTimer(enabled=False)
+        """Charges each step's phases to data/forward/backward/optimizer (benchmarks/train_throughput.py)."""
+        self.state_writer = StateWriter()
         self.history: list[dict] = []
         self.steps_per_epoch = math.ceil(len(train) / args.batch_size)
         self.global_step = 0
@@ -293,52 +344,67 @@ class Trainer:
         for stage_index in range(first_stage, len(self.recipe.stages)):
             self._train_stage(stage_index, state if stage_index == first_stage else None)
         self._save(calibrate_policies=True)
+        self.state_writer.wait()
         if self.accelerator.is_main_process:
             shutil.rmtree(state_path(self.args.output_dir).parent, ignore_errors=True)
         return TrainResult(Path(self.args.output_dir), self.history, self.best_score)
 
-    def _train_stage(self, stage_index: int, state: TrainingState | None) -> None:
-        """Train one stage for its epochs (the rest of them when `state` stopped inside it); keep its best epoch."""
-        args, stage = self.args, self.recipe.stages[stage_index]
+    def start_stage(self, stage_index: int, state: TrainingState | None = None) -> StageRun:
+        """Make a stage ready to train: its trainable parts, optimizer, schedule and process wrapping (restored
+        from `state` when the run stopped inside this stage)."""
+        stage = self.recipe.stages[stage_index]
         self._set_trainable(stage)
-        loss_config = stage_loss(self.recipe, stage, args)
         optimizer = self._optimizer()
-        steps = args.epochs * self.steps_per_epoch
-        scheduler = get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * steps), steps)
+        steps = self.args.epochs * self.steps_per_epoch
+        scheduler = get_linear_schedule_with_warmup(optimizer, int(self.args.warmup_ratio * steps), steps)
         # No prepared DataLoader: the trainer draws (epoch_order) and shards (process_share) its batches itself,
         # so the global batch and the data order are the same for any number of processes, and a resumed
         # epoch simply starts at a later step of the same order.
         model, optimizer = self.accelerator.prepare(self.model, optimizer)
-        self.best_score, self.best_state, first_epoch = -math.inf, None, 1
         if state is not None:
             optimizer.load_state_dict(state.optimizer)
             scheduler.load_state_dict(state.scheduler)
+        return StageRun(stage_index, stage, model, optimizer, scheduler, stage_loss(self.recipe, stage, self.args))
+
+    def _train_stage(self, stage_index: int, state: TrainingState | None) -> None:
+        """Train one stage for its epochs (the rest of them when `state` stopped inside it); keep its best epoch."""
+        args, run = self.args, self.start_stage(stage_index, state)
+        self.best_score, self.best_state, first_epoch = -math.inf, None, 1
+        if state is not None:
             self.best_score, self.best_state, first_epoch = state.best_score, state.best_model, state.epoch
         main = self.accelerator.is_main_process
         for epoch in range(first_epoch, args.epochs + 1):
             resumed = state is not None and epoch == first_epoch
             order = (state.permutation if resumed and state.permutation
                      else epoch_order(len(self.train_examples), args.seed, stage_index, epoch))
-            first_step, running = (state.step, state.running_loss) if resumed else (0, None)
-            model.train()
+            first_step = state.step if resumed else 0
+            # the smoothed loss stays on the device: reading it every step would stall the GPU
+            running = (torch.tensor(state.running_loss, dtype=torch.float64, device=self.accelerator.device)
+                       if resumed and state.running_loss is not None else None)
+            run.model.train()
             bar = tqdm(range(first_step, self.steps_per_epoch), initial=first_step, total=self.steps_per_epoch,
                        desc=f"stage {stage_index + 1} epoch {epoch}/{args.epochs}",
                        disable=not (args.progress and main), dynamic_ncols=True)
             started, seen = time.perf_counter(), 0
             for step in bar:
                 indices = order[step * args.batch_size:(step + 1) * args.batch_size]
-                loss = self._step(model, optimizer, scheduler, loss_config, indices)
+                loss = self.train_step(run, indices).double()
                 seen += len(indices)
                 running = loss if running is None else 0.9 * running + 0.1 * loss
-                bar.set_postfix(loss=f"{running:.4f}", samples_per_s=f"{seen / (time.perf_counter() - started):.1f}")
                 self.global_step += 1
+                if (step + 1) % PROGRESS_EVERY == 0 or step == self.steps_per_epoch - 1:
+                    bar.set_postfix(loss=f"{running.item():.4f}",
+                                    samples_per_s=f"{seen / (time.perf_counter() - started):.1f}")
                 if args.save_every_steps and self.global_step % args.save_every_steps == 0:
-                    self._save_state(optimizer, scheduler, (stage_index, epoch, step + 1), order, running)
+                    self._save_state(run, (stage_index, epoch, step + 1), order, running)
                 if self.global_step == self.stop_after_steps:
+                    self.state_writer.wait()  # the state checkpoint of this step, if one was due, is on disk
                     os.kill(os.getpid(), signal.SIGKILL)
-            unwrapped = self.accelerator.unwrap_model(model)
-            outputs = collect_layer_outputs(unwrapped, self.dev, args.eval_batch_size, args.progress and main)
-            score, rows = self._score(outputs, stage.select_by)
+            running = None if running is None else running.item()
+            unwrapped = self.accelerator.unwrap_model(run.model)
+            with self.timer.phase("scoring"):
+                outputs = collect_layer_outputs(unwrapped, self.dev, args.eval_batch_size, args.progress and main)
+                score, rows = self._score(outputs, run.stage.select_by)
             record = {"stage": stage_index + 1, "epoch": epoch, "train_loss": running, "score": score,
                       "seconds": time.perf_counter() - started, "layer_metrics": rows}
             self.history.append(record)
@@ -348,41 +414,50 @@ class Trainer:
             if score > self.best_score:
                 self.best_score = score
                 self.best_state = copy.deepcopy(unwrapped.state_dict())
-                self._save(calibrate_policies=False)
-            self._save_state(optimizer, scheduler, (stage_index, epoch + 1, 0), [], None)
+                with self.timer.phase("checkpoint"):
+                    self._save(calibrate_policies=False)
+            self._save_state(run, (stage_index, epoch + 1, 0), [], None)
         self.model.load_state_dict(self.best_state)
 
-    def _step(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, loss_config: LossConfig,
-              indices: list[int]) -> float:
-        """One optimizer step on a global batch, of which this process computes its share; the batch's mean loss."""
+    def train_step(self, run: StageRun, indices: list[int]) -> torch.Tensor:
+        """One optimizer step on a global batch, of which this process computes its share; the batch's mean loss,
+        as a tensor on the device (reading it waits for the step to finish)."""
         own, weight = process_share(indices, self.accelerator.process_index, self.accelerator.num_processes)
-        batch = Collator(self.model.tokenizer)([self.train_examples[i] for i in own])
-        labels = batch.pop("labels").to(self.accelerator.device)
-        # a process's stand-in row (weight 0) must not move the running-mean prototypes: label −1 is not counted
-        prototype_labels = labels if weight else torch.full_like(labels, -1)
-        output = model(**{k: v.to(self.accelerator.device) for k, v in batch.items()},
-                       with_prototypes=self.recipe.prototypes, labels=prototype_labels)
-        loss = weight * early_exit_loss(output.layers, labels, loss_config)
-        self.accelerator.backward(loss)
-        self.accelerator.clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
-        return self.accelerator.reduce(loss.detach(), "mean").item()
+        with self.timer.phase("data"):
+            batch = self.collator([self.train_examples[i] for i in own])
+            batch = {k: v.to(self.accelerator.device, non_blocking=True) for k, v in batch.items()}
+            labels = batch.pop("labels")
+            # a process's stand-in row (weight 0) must not move the running-mean prototypes: label −1 is not counted
+            prototype_labels = labels if weight else torch.full_like(labels, -1)
+        with self.timer.phase("forward"):
+            output = run.model(**batch, with_prototypes=self.recipe.prototypes, labels=prototype_labels,
+                               exits=trained_exits(run.loss, self.model.num_layers))
+            loss = weight * early_exit_loss(output.layers, labels, run.loss)
+        with self.timer.phase("backward"):
+            self.accelerator.backward(loss)
+        with self.timer.phase("optimizer"):
+            self.accelerator.clip_grad_norm_(run.model.parameters(), self.args.max_grad_norm)
+            run.optimizer.step()
+            run.scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
+        return self.accelerator.reduce(loss.detach(), "mean")
 
-    def _save_state(self, optimizer: torch.optim.Optimizer, scheduler, position: tuple[int, int, int],
-                    permutation: list[int], running_loss: float | None) -> None:
-        """Write the training state; position: (stage, epoch, step) of the next batch to train."""
-        rng = gather_object([capture_rng()])  # a collective: every process takes part, the main one writes
-        if not self.accelerator.is_main_process:
-            return
-        stage, epoch, step = position
-        state = TrainingState(
-            run=self.run.to_dict() if self.run else {}, examples=len(self.train_examples), stage=stage, epoch=epoch,
-            step=step, global_step=self.global_step, running_loss=running_loss, permutation=permutation,
-            model=self.model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-            best_score=self.best_score, best_model=self.best_state, history=self.history, rng=rng)
-        save_training_state(state, self.args.output_dir)
+    def _save_state(self, run: StageRun, position: tuple[int, int, int], permutation: list[int],
+                    running_loss: torch.Tensor | float | None) -> None:
+        """Write the training state in the background; position: (stage, epoch, step) of the next batch to train."""
+        with self.timer.phase("state"):
+            rng = gather_object([capture_rng()])  # a collective: every process takes part, the main one writes
+            if not self.accelerator.is_main_process:
+                return
+            stage, epoch, step = position
+            state = TrainingState(
+                run=self.run.to_dict() if self.run else {}, examples=len(self.train_examples), stage=stage,
+                epoch=epoch, step=step, global_step=self.global_step,
+                running_loss=float(running_loss) if running_loss is not None else None, permutation=permutation,
+                model=self.model.state_dict(), optimizer=run.optimizer.state_dict(),
+                scheduler=run.scheduler.state_dict(), best_score=self.best_score, best_model=self.best_state,
+                history=self.history, rng=rng)
+            self.state_writer.save(state, self.args.output_dir)
 
     def _save(self, calibrate_policies: bool) -> None:
         """Write the checkpoint; at the end of training, with per-layer metrics and calibrated policies."""
@@ -428,11 +503,13 @@ def train(task_name: str, backbone: str, args: TrainingArguments, data_dir: str 
     return _run(RunSpec(task_name, backbone, args, data_dir, hub_dataset, heads or ExitHeadConfig()))
 
 
-def resume(output_dir: str | Path, data_dir: str | None = None, progress: bool | None = None) -> TrainResult:
+def resume(output_dir: str | Path, data_dir: str | None = None, progress: bool | None = None,
+           device: str | None = None) -> TrainResult:
     """Continue a stopped run from <output_dir>/training_state, with the arguments it was started with.
 
     It ends with the weights the uninterrupted run would have reached. data_dir: where the task's data lies now,
-    if it moved. progress: show progress bars (None: as the run did).
+    if it moved. progress: show progress bars (None: as the run did). device: where to continue (None: where the
+    run was asked to train; another device gives the same run up to floating-point differences).
     """
     state = load_training_state(output_dir)
     if not state.run:
@@ -442,14 +519,16 @@ def resume(output_dir: str | Path, data_dir: str | None = None, progress: bool |
         run = RunSpec.from_dict(state.run)
     except (TypeError, De3bertError) as exc:
         raise CheckpointError(f"{state_path(output_dir)} holds arguments this de3bert cannot use: {exc}") from exc
-    args = replace(run.args, output_dir=str(output_dir), progress=run.args.progress if progress is None else progress)
-    process_state().print(f"resuming the run in {output_dir} after optimizer step {state.global_step}")
+    args = replace(run.args, output_dir=str(output_dir), progress=run.args.progress if progress is None else progress,
+                   device=run.args.device if device is None else device)
+    process_state(args.device).print(f"resuming the run in {output_dir} after optimizer step {state.global_step}")
     return _run(replace(run, args=args, data_dir=data_dir or run.data_dir), state)
 
 
 def _run(run: RunSpec, state: TrainingState | None = None) -> TrainResult:
     """Read the task's data, build the model, and train it from the start or from `state`."""
-    args, processes = run.args, process_state()
+    args = run.args
+    processes = process_state(args.device)
     task, train_examples = load_split(run.task, "train", run.data_dir, run.hub_dataset)
     _, dev_examples = load_split(run.task, "dev", run.data_dir, run.hub_dataset)
     if args.max_train_samples:
