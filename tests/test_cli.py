@@ -30,7 +30,8 @@ def test_evaluate_into_the_checkpoint_shows_the_plot_in_its_model_card(tiny_chec
 def test_predict_text(tiny_checkpoint, capsys):
     assert main(["predict", str(tiny_checkpoint), "--text", "the film was good great"]) == 0
     answer = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert answer["label"] in ("0", "1") and 1 <= answer["exit_layer"] <= 4
+    assert answer["label"] in ("negative", "positive") and 1 <= answer["exit_layer"] <= 4
+    assert set(answer["probabilities"]) == {"negative", "positive"}
     assert main(["predict", str(tiny_checkpoint), "--text", "x", "--criterion", "patience", "--patience", "2"]) == 0
 
 
