@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from de3bert.data import get_task
-from de3bert.errors import PolicyError
-from de3bert.evaluation import (LayerOutputs, calibrate, calibrated_table, candidate_policies, evaluate_policy,
-                                most_conservative, indicator_auroc, layer_metrics, oracle, sweep)
+from de3bert.errors import DataError, PolicyError
+from de3bert.evaluation import (LayerOutputs, calibrate, calibrated_table, candidate_policies, evaluate_checkpoint,
+                                evaluate_policy, most_conservative, indicator_auroc, layer_metrics, oracle, sweep)
 from de3bert.policies import ExitPolicy
 
 SST2 = get_task("sst2")
@@ -99,3 +99,15 @@ def test_regression_tolerances_above_one_reach_the_earliest_exit():
     outputs = LayerOutputs(scores, None, torch.rand(50) * 5)
     policy = calibrate("regression-patience", outputs, get_task("stsb"), 3.0, patience=1)
     assert evaluate_policy(policy, outputs, get_task("stsb"))["speedup"] == pytest.approx(3.0)
+
+
+def test_a_glue_model_scores_a_labelled_file_written_with_values_or_names(tiny_checkpoint, tmp_path):
+    path = tmp_path / "mine.csv"
+    path.write_text("sentence,label\nthe film was good great,positive\nthe film was awful dull,0\nnice lovely,1\n")
+    report = evaluate_checkpoint(tiny_checkpoint, eval_file=path, progress=False)  # the data folder is recorded
+    assert (report["evaluated_on"], report["eval_examples"]) == ("mine.csv", 3)
+    assert report["class_counts"] == {"negative": 1, "positive": 2}
+    assert report["calibration_split"] == "calibration (held out from train)"
+    assert evaluate_checkpoint(tiny_checkpoint, split="train", progress=False)["evaluated_on"] == "train"
+    with pytest.raises(DataError, match="task sst2 has no split 'test'; its splits are train, dev"):
+        evaluate_checkpoint(tiny_checkpoint, split="test", progress=False)

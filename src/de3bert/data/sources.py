@@ -48,8 +48,8 @@ class _Source:
 
 @dataclass
 class GlueSource(_Source):
-    """A GLUE task: official TSVs from `data_dir` (default: $GLUE_DIR, else ../shared/data/glue), or the hub
-    dataset `hub_dataset` laid out like nyu-mll/glue."""
+    """A GLUE task: official TSVs from `data_dir` (default: $GLUE_DIR, else ../shared/data/glue; kept absolute), or
+    the hub dataset `hub_dataset` laid out like nyu-mll/glue."""
 
     task: str
     data_dir: str | None = None
@@ -58,6 +58,7 @@ class GlueSource(_Source):
 
     def __post_init__(self) -> None:
         self.task = get_task(self.task).name
+        self.data_dir = self.data_dir and os.path.abspath(self.data_dir)
 
     @property
     def name(self) -> str:
@@ -106,6 +107,8 @@ class _UserSource(_Source, ABC):
             raise DataError("labels and regression exclude each other: a regression task has a score, not labels")
         if not self.labels:
             raise DataError("labels is empty; give the class labels, or none to take those of the training data")
+        if not all(self.labels):
+            raise DataError(f"labels {', '.join(map(repr, self.labels))} include an empty one; give non-empty labels")
         repeated = sorted({label for label in self.labels if self.labels.count(label) > 1})
         if repeated:
             raise DataError(f"labels repeat {', '.join(map(repr, repeated))}; give each label once")
