@@ -14,7 +14,7 @@ HUB_HELP = "read the task from a Hugging Face datasets id instead (e.g. nyu-mll/
 
 
 def _table(rows: list[dict], columns: list[str]) -> str:
-    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
+    widths = {c: max([len(c), *(len(_fmt(r.get(c))) for r in rows)]) for c in columns}  # rows may be none
     lines = ["  ".join(c.rjust(widths[c]) for c in columns)]
     lines += ["  ".join(_fmt(r.get(c)).rjust(widths[c]) for c in columns) for r in rows]
     return "\n".join(lines)
