@@ -304,8 +304,8 @@ def evaluate_checkpoint(checkpoint: str | Path, task_name: str | None = None, da
     criteria = criteria_for(model)
     layers = layer_metrics(evaluated, task)
     report = {
-        "checkpoint": str(checkpoint), "task": task.name, "metric": task.main_metric, "num_layers": evaluated.num_layers,
-        "evaluated_on": evaluated_on, "eval_examples": len(examples),
+        "checkpoint": str(checkpoint), "task": task.name, "metric": task.main_metric,
+        "num_layers": evaluated.num_layers, "evaluated_on": evaluated_on, "eval_examples": len(examples),
         "class_counts": task.class_counts(e.label for e in examples),
         "calibration_split": split_name, "calibration_examples": len(cal_examples),
         "layer_metrics": layers, "full_depth": main_metric(task, layers[-1]), "oracle": oracle(evaluated, task),
@@ -329,8 +329,8 @@ def write_report(report: dict, output_dir: Path) -> None:
     _write_csv(output_dir / "sweeps.csv", sweep_rows)
     _write_csv(output_dir / "calibrated.csv", report["calibrated"])
     plot_tradeoff(report["sweeps"], output_dir / "tradeoff.png",
-                  f"{report['task']} {report['evaluated_on']}: accuracy/speed trade-off ({report['num_layers']} layers)",
-                  report["metric"],
+                  f"{report['task']} {report['evaluated_on']}: accuracy/speed trade-off "
+                  f"({report['num_layers']} layers)", report["metric"],
                   report["full_depth"], report["oracle"], report["calibrated"])
 
 

@@ -126,7 +126,8 @@ def test_datasets_library_reads_a_local_folder_with_its_validation_split(tmp_pat
     with pytest.raises(DataError, match=r"reviews has no split 'dev'; its splits are train, test"):
         DatasetSource(str(folder), columns=Columns("review", label="stars"),
                       validation_split="dev").read("dev", data.task)
-    with pytest.raises(DataError, match=r"reviews split train: row 0 has no column 'text', 'label'; available: review, stars"):
+    with pytest.raises(DataError, match=r"reviews split train: row 0 has no column 'text', 'label'; "
+                                        r"available: review, stars"):
         DatasetSource(str(folder)).read_train()
 
 

@@ -15,6 +15,6 @@ __all__ = [
     "GlueSource", "GlueTask", "RunData", "TaskSpec", "as_source", "compute_metrics", "default_label_names",
     "encode_examples", "find_glue_task", "get_task", "length_sorted_batches", "load_dataset_splits", "load_run_data",
     "load_split", "main_metric", "read_dataset", "read_glue_split", "read_hub_split", "read_rows", "read_table",
-    "recorded_columns", "recorded_source", "resolve_glue_dir", "source_from_dict", "split_off", "subsample", "user_task",
-    "with_location",
+    "recorded_columns", "recorded_source", "resolve_glue_dir", "source_from_dict", "split_off", "subsample",
+    "user_task", "with_location",
 ]

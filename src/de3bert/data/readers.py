@@ -127,7 +127,8 @@ def _check_delimiter(header: str, delimiter: str, where: str) -> None:
     """Refuse a one-column header that holds another delimiter: the file is separated by something else."""
     for other, name in DELIMITERS.items():
         if other != delimiter and other in header:
-            fix = {"\t": "name it .tsv", ",": "name it .csv"}.get(other, "save it separated by commas (.csv) or tabs (.tsv)")
+            fix = {"\t": "name it .tsv", ",": "name it .csv"}.get(
+                other, "save it separated by commas (.csv) or tabs (.tsv)")
             raise DataError(f"{where}: line 1 (header) is one column holding {name}: the file looks separated by "
                             f"{name}, but a {Path(where).suffix.lower()} file is read as separated by "
                             f"{DELIMITERS[delimiter]}; {fix}")

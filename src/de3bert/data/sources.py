@@ -212,7 +212,8 @@ class DatasetSource(_UserSource):
         """One line saying where the examples come from."""
         config = f" (config {self.config})" if self.config else ""
         validation = f", validation split {self.validation_split}" if self.validation_split else ""
-        return f"dataset {self.dataset}{config}, training split {self.train_split}{validation}; {self._describe_columns()}"
+        return (f"dataset {self.dataset}{config}, training split {self.train_split}{validation}; "
+                f"{self._describe_columns()}")
 
     def _read(self, split: str, labels: tuple[str, ...] | None,
               labels_from: str) -> tuple[list[Example], tuple[str, ...]] | None:
