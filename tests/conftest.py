@@ -76,6 +76,24 @@ def write_sst2(folder, train_size: int = 128, dev_size: int = 32, seed: int = 0)
     return folder
 
 
+TICKETS = {"billing": ["invoice", "refund", "charge", "payment"], "bug": ["crash", "error", "broken", "freeze"],
+           "feature": ["wish", "add", "support", "would"], "login": ["password", "account", "signin", "locked"],
+           "praise": ["thanks", "love", "great", "awesome"], "shipping": ["delivery", "package", "parcel", "courier"]}
+
+
+def write_tickets(path, size: int = 120, seed: int = 0):
+    """A learnable six-class task in a user's CSV (header `text,label`, the labels as names), classes in turn."""
+    import random
+
+    rng = random.Random(seed)
+    rows = ["text,label"]
+    for i in range(size):
+        label = list(TICKETS)[i % len(TICKETS)]
+        rows.append(f"my {' '.join(rng.choices(TICKETS[label], k=rng.randint(2, 4)))} today,{label}")
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_backbone_dir(tmp_path_factory, tokenizer):
     """A tiny random BERT saved as a local backbone folder (with the real tokenizer)."""
@@ -99,6 +117,28 @@ def tiny_checkpoint(tmp_path_factory, tiny_backbone_dir, glue_dir):
     output = tmp_path_factory.mktemp("run") / "ckpt"
     code = main(["train", "--task", "sst2", "--model", str(tiny_backbone_dir), "--output", str(output),
                  "--epochs", "2", "--learning-rate", "1e-2", "--batch-size", "16", "--data-dir", str(glue_dir),
+                 "--no-progress"])
+    assert code == 0
+    return output
+
+
+@pytest.fixture(scope="session")
+def tickets_dir(tmp_path_factory):
+    """A folder with the six-class tickets.csv (training) and test.csv."""
+    folder = tmp_path_factory.mktemp("tickets")
+    write_tickets(folder / "tickets.csv")
+    write_tickets(folder / "test.csv", size=36, seed=1)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tickets_checkpoint(tmp_path_factory, tiny_backbone_dir, tickets_dir):
+    """A DE³ checkpoint trained on tickets.csv through the CLI, a validation slice held out."""
+    from de3bert.cli import main
+
+    output = tmp_path_factory.mktemp("run") / "tickets"
+    code = main(["train", "--train-file", str(tickets_dir / "tickets.csv"), "--model", str(tiny_backbone_dir),
+                 "--output", str(output), "--epochs", "6", "--learning-rate", "2e-2", "--batch-size", "16",
                  "--no-progress"])
     assert code == 0
     return output

@@ -1,3 +1,4 @@
+import csv
 import json
 import re
 import shutil
@@ -5,6 +6,8 @@ import shutil
 import pytest
 
 from de3bert.cli import build_parser, main
+from de3bert.errors import De3bertError
+from tests.conftest import TICKETS
 
 
 def test_evaluate_prints_tables_and_writes_files(tiny_checkpoint, glue_dir, capsys, tmp_path):
@@ -30,7 +33,8 @@ def test_evaluate_into_the_checkpoint_shows_the_plot_in_its_model_card(tiny_chec
 def test_predict_text(tiny_checkpoint, capsys):
     assert main(["predict", str(tiny_checkpoint), "--text", "the film was good great"]) == 0
     answer = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert answer["label"] in ("0", "1") and 1 <= answer["exit_layer"] <= 4
+    assert answer["label"] in ("negative", "positive") and 1 <= answer["exit_layer"] <= 4
+    assert set(answer["probabilities"]) == {"negative", "positive"}
     assert main(["predict", str(tiny_checkpoint), "--text", "x", "--criterion", "patience", "--patience", "2"]) == 0
 
 
@@ -51,11 +55,13 @@ def test_predict_file_writes_predictions_in_order(tiny_checkpoint, tmp_path):
     (["predict", "/nonexistent/checkpoint", "--text", "hi"], "does not exist"),
     (["serve", "/nonexistent/checkpoint"], "does not exist"),
     (["serve", "/nonexistent/checkpoint", "--max-batch-size", "0"], "max_batch_size must be at least 1"),
-    (["train", "--task", "sst2"], "give --task and --output (or --resume dir"),
+    (["train", "--task", "sst2"], "give --output and the data (--task, --train-file or --dataset)"),
     (["train", "--resume", "/nonexistent/run"], "holds no training state"),
     (["train", "--resume", "/nonexistent/run", "--epochs", "5", "--seed", "1"], "drop --epochs --seed"),
     (["evaluate", "/nonexistent/checkpoint", "--device", "tpu"], "unknown device 'tpu'"),
 ])
+
+
 def test_errors_are_one_line_not_tracebacks(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -104,3 +110,103 @@ def test_asking_for_a_gpu_on_a_machine_without_one_is_one_line(tiny_checkpoint, 
     assert capsys.readouterr().err.strip() == ("de3bert evaluate: error: device 'cuda' is not available: this machine "
                                                "has no usable CUDA GPU (torch.cuda.is_available() is False); use "
                                                "--device cpu")
+
+
+def test_own_csv_with_six_labels_trains_evaluates_and_predicts_in_label_names(tickets_checkpoint, tickets_dir,
+                                                                               tmp_path, capsys):
+    config = json.loads((tickets_checkpoint / "config.json").read_text())
+    assert config["id2label"] == {str(i): name for i, name in enumerate(sorted(TICKETS))}
+    training = config["de3bert"]["training"]
+    assert training["data"]["kind"] == "files" and training["dev_split"] == "validation"
+    assert (training["train_examples"], training["calibration_examples"], training["dev_examples"]) == (96, 12, 12)
+    assert set(training["class_counts"]["dev"]) == set(TICKETS) and all(training["class_counts"]["dev"].values())
+    card = (tickets_checkpoint / "README.md").read_text()
+    assert "6 classes: billing, bug, feature, login, praise, shipping" in card and "## Examples of each class" in card
+
+    output = tmp_path / "evaluation"
+    assert main(["evaluate", str(tickets_checkpoint), "--eval-file", str(tickets_dir / "test.csv"), "--output",
+                 str(output), "--no-progress"]) == 0
+    assert "tickets test.csv (36 examples): accuracy of every exit" in capsys.readouterr().out
+    report = json.loads((output / "evaluation.json").read_text())
+    assert report["class_counts"] == {name: 6 for name in sorted(TICKETS)}
+    assert {"accuracy", "macro_f1"} <= set(report["layer_metrics"][-1])
+    assert max(row["accuracy"] for row in report["layer_metrics"]) >= 0.5  # six classes: chance is 1/6
+    assert report["oracle"] and set(report["sweeps"]) == {"edr", "entropy", "confidence", "dr", "patience", "pcee"}
+    assert report["calibration_split"] == "calibration (held out from train)" and (output / "tradeoff.png").exists()
+
+    assert main(["predict", str(tickets_checkpoint), "--text", "my password account today"]) == 0
+    answer = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert answer["label"] in TICKETS and set(answer["probabilities"]) == set(TICKETS)
+    target = tmp_path / "predictions.csv"
+    # the columns default to the training file's
+    assert main(["predict", str(tickets_checkpoint), "--input", str(tickets_dir / "test.csv"), "--output",
+                 str(target), "--no-progress"]) == 0
+    rows = list(csv.DictReader(target.open()))
+    assert len(rows) == 36 and {row["label"] for row in rows} <= set(TICKETS)
+
+
+def test_evaluate_without_a_file_rebuilds_the_held_out_validation_slice(tickets_checkpoint, tmp_path, capsys):
+    assert main(["evaluate", str(tickets_checkpoint), "--output", str(tmp_path), "--no-progress"]) == 0
+    assert "tickets validation (12 examples)" in capsys.readouterr().out
+    report = json.loads((tmp_path / "evaluation.json").read_text())
+    stored = json.loads((tickets_checkpoint / "config.json").read_text())["de3bert"]["training"]["layer_metrics"]
+    assert report["layer_metrics"] == [pytest.approx(row) for row in stored]  # the slice that picked the best epoch
+
+
+def write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("files, options, problem", [
+    ({"t.csv": "body,label\nhi,a\n"}, [], r"t.csv: line 2 has no column 'text'; available: body, label"),
+    ({"t.csv": "text,label\nhi,a\n  ,b\n"}, [], r"t.csv: line 3: text is empty"),
+    ({"t.csv": "text,label\nhi,a\nho,b\n", "v.csv": "text,label\nhu,c\n"}, ["--validation-file", "v.csv"],
+     r"v.csv: line 2: label 'c' is not one of a, b \(the labels seen in training\)"),
+    ({"t.jsonl": '{"text": "hi", "label": "a"}\n{"text": "ho" "label": "b"}\n'}, [],
+     r"t.jsonl: line 2 is not valid JSON \(Expecting ',' delimiter\)"),
+    ({"t.csv": "text\tlabel\nhi\ta\n"}, [], r"t.csv: line 1 \(header\) is one column holding tabs.*name it .tsv"),
+    ({"t.csv": "text,label\nhi,a\nho,b\n"}, ["--labels", "a,b,c"],
+     r"t.csv: no example has label 'c', which the labels given include"),
+    ({"t.csv": "text,label\nhi,a\nho,b\n"}, ["--labels", "b"], r"t.csv: line 2: label 'a' is not one of b"),
+    ({"t.csv": "text,label\nhi,a\n"}, ["--regression"], r"t.csv: line 2: score 'a' is not a finite number"),
+    ({"t.csv": "text,label\nhi,a\n"}, ["--task", "sst2"], r"give one of --task .*, not --task and --train-file"),
+    ({"t.csv": "text,label\nhi,a\n"}, ["--data-dir", "/glue"], r"--data-dir does not go with --train-file"),
+    ({}, [], r"give one of --task \(a GLUE task\), --train-file .* and --dataset"),
+])
+
+
+def test_malformed_user_data_is_one_line_naming_file_and_line(tmp_path, capsys, files, options, problem):
+    paths = {name: write(tmp_path / name, text) for name, text in files.items()}
+    train_file = next(iter(paths.values()), None)
+    argv = ["train", "--output", str(tmp_path / "out"), *(["--train-file", train_file] if train_file else []),
+            *(paths.get(option, option) for option in options)]  # a file's name stands for its path
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert re.search(problem, err), err
+
+
+def test_train_options_name_one_data_source():
+    from de3bert.cli import _data_source
+    from de3bert.data import Columns, DatasetSource, FileSource, GlueSource
+
+    def source(*options):
+        return _data_source(build_parser().parse_args(["train", "--output", "x", *options]))
+
+    assert source("--task", "RTE", "--data-dir", "/glue") == GlueSource("rte", "/glue")
+    assert source("--dataset", "org/reviews", "--dataset-config", "en", "--validation-split", "test",
+                  "--text-column", "review", "--label-column", "stars", "--labels", "1, 3,5") == DatasetSource(
+        "org/reviews", "en", "train", "test", columns=Columns("review", None, "stars"), labels=("1", "3", "5"))
+    assert source("--train-file", "/d/q.jsonl", "--text-pair-column", "s", "--regression") == FileSource(
+        "/d/q.jsonl", columns=Columns("text", "s", "label"), regression=True)
+    with pytest.raises(De3bertError, match="labels 'a', '', 'b' include an empty one"):
+        source("--train-file", "t.csv", "--labels", "a,,b")
+    with pytest.raises(De3bertError, match="--dataset-config --validation-file do not go with --task"):
+        source("--task", "rte", "--validation-file", "v.csv", "--dataset-config", "en")
+
+
+def test_a_table_without_rows_is_its_header():
+    from de3bert.cli import _table
+
+    assert _table([], ["policy", "speedup"]) == "policy  speedup"  # every calibration failed (a small regression task)

@@ -2,9 +2,10 @@ import pytest
 import torch
 
 from de3bert.data import get_task
-from de3bert.errors import PolicyError
-from de3bert.evaluation import (LayerOutputs, calibrate, calibrated_table, candidate_policies, choose_policy, evaluate_policy,
-                                most_conservative, indicator_auroc, layer_metrics, oracle, sweep)
+from de3bert.errors import DataError, PolicyError
+from de3bert.evaluation import (LayerOutputs, calibrate, calibrated_table, candidate_policies, choose_policy,
+                                evaluate_checkpoint, evaluate_policy, most_conservative, indicator_auroc, layer_metrics,
+                                oracle, sweep)
 from de3bert.policies import ExitPolicy
 
 SST2 = get_task("sst2")
@@ -136,3 +137,14 @@ def test_a_tie_goes_to_the_recipes_own_criterion_and_an_unreachable_target_to_it
     policy, record = choose_policy(("entropy", "confidence"), outputs, SST2, 5.0, preferred="entropy")
     assert policy.criterion == "entropy" and all("error" in row for row in record["standings"])
     assert evaluate_policy(policy, outputs, SST2)["speedup"] == pytest.approx(3.0)
+
+
+def test_a_glue_model_scores_a_labelled_file_written_with_values_or_names(tiny_checkpoint, tmp_path):
+    path = tmp_path / "mine.csv"
+    path.write_text("sentence,label\nthe film was good great,positive\nthe film was awful dull,0\nnice lovely,1\n")
+    report = evaluate_checkpoint(tiny_checkpoint, eval_file=path, progress=False)  # the data folder is recorded
+    assert (report["evaluated_on"], report["eval_examples"]) == ("mine.csv", 3)
+    assert report["class_counts"] == {"negative": 1, "positive": 2}
+    assert report["calibration_split"] == "calibration (held out from train)"
+    with pytest.raises(DataError, match="task sst2 has no split 'test'; its splits are train, dev"):
+        evaluate_checkpoint(tiny_checkpoint, split="test", progress=False)

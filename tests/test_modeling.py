@@ -163,3 +163,20 @@ def test_loading_in_half_precision_keeps_integer_and_boolean_buffers(tmp_path, t
     with torch.no_grad():
         agree = (half(**batch).layers[-1].logits.argmax(-1) == model(**batch).layers[-1].logits.argmax(-1)).float()
     assert agree.mean() >= 0.8  # bf16 rounding may flip a near tie of a random model
+
+
+def test_label_names_are_stored_as_id2label_and_old_checkpoints_get_derived_names(tmp_path, tokenizer):
+    model = tiny_model(labels=("0", "1"), tokenizer=tokenizer)
+    model.config.label_names = ["bad", "good"]
+    path = model.save_pretrained(tmp_path / "ckpt")
+    config = json.loads((path / "config.json").read_text())
+    assert config["id2label"] == {"0": "bad", "1": "good"} and config["label2id"] == {"bad": 0, "good": 1}
+    assert "label_names" not in config["de3bert"]
+    assert EarlyExitModel.from_pretrained(path).config.label_names == ["bad", "good"]
+    for task, names in (("sst2", ["negative", "positive"]), ("tiny", ["0", "1"])):
+        old = {"de3bert": {**config["de3bert"], "task": task}}  # written before label names were stored
+        (path / "config.json").write_text(json.dumps(old))
+        assert EarlyExitModel.from_pretrained(path).config.label_names == names
+    (path / "config.json").write_text(json.dumps({**config, "id2label": {"0": "bad", "1": "bad"}}))
+    with pytest.raises(CheckpointError, match=r"label names \['bad', 'bad'\] do not name the labels"):
+        EarlyExitModel.from_pretrained(path)

@@ -19,7 +19,7 @@ from de3bert.errors import De3bertError
 from de3bert.modeling import EarlyExitModel
 from de3bert.policies import ExitPolicy
 from de3bert.serving import ServiceSettings, create_app, policy_for_speedup
-from tests.conftest import tiny_model
+from tests.conftest import TICKETS, tiny_model
 
 TEXTS = ["the film was good great", "the film was awful dull", "fine", "the film was poor ugly bad and long"]
 PAIRS = ["a man sleeps", "nobody sleeps", "it rains", "the sun is out"]
@@ -228,6 +228,17 @@ def test_health_and_model_description(client):
     assert body["limits"] == {"max_inputs": 8, "max_chars": 200, "max_body_bytes": 4000}
     assert body["micro_batching"] == {"enabled": True, "max_batch_size": 16, "max_wait_ms": 30}
     assert set(client.get("/openapi.json").json()["paths"]) == {"/healthz", "/v1/model", "/v1/predict"}
+
+
+def test_a_six_class_model_trained_on_a_users_file_answers_in_label_names(tickets_checkpoint):
+    texts = ["my invoice refund today", "my crash error today", "my parcel courier today"]
+    with TestClient(create_app(ServiceSettings(str(tickets_checkpoint)))) as client:
+        assert client.get("/v1/model").json()["labels"] == sorted(TICKETS)
+        for policy in (None, {"criterion": "dr", "threshold": 0.5}, {"target_speedup": 2.0}):
+            response = predict(client, texts, **({"policy": policy} if policy else {}))
+            assert response.status_code == 200, response.text
+            for answer in response.json()["predictions"]:
+                assert answer["label"] in TICKETS and set(answer["probabilities"]) == set(TICKETS)
 
 
 def test_regression_model_answers_with_scores(tmp_path, tokenizer):

@@ -11,12 +11,13 @@ from safetensors.torch import load_file
 from transformers import BertConfig, BertModel
 
 from de3bert.cli import main
+from de3bert.data import Columns, FileSource, GlueSource
 from de3bert.errors import CheckpointError, De3bertError
 from de3bert.modeling import EarlyExitModel, ExitHeadConfig
-from de3bert.training import (RECIPES, STOP_AFTER_STEPS_ENV, Trainer, TrainingArguments, epoch_order, process_share,
-                              resume, train)
+from de3bert.training import (RECIPES, STOP_AFTER_STEPS_ENV, RunSpec, Trainer, TrainingArguments, epoch_order,
+                              process_share, resume, train)
 from de3bert.training_state import load_training_state, state_path
-from tests.conftest import TINY, tiny_model
+from tests.conftest import TICKETS, TINY, tiny_model
 
 
 def args_for(tmp_path, **overrides):
@@ -91,6 +92,8 @@ def test_same_seed_gives_same_weights(tmp_path, tiny_backbone_dir, glue_dir):
     (dict(epochs=0), "epochs must be at least 1"),
     (dict(calibration_fraction=1.0), "calibration_fraction"),
 ])
+
+
 def test_bad_arguments_are_clear_errors(tmp_path, overrides, message):
     with pytest.raises(De3bertError, match=message):
         args_for(tmp_path, **overrides)
@@ -218,3 +221,31 @@ def test_stages_compute_only_the_heads_their_loss_reads(tmp_path, tokenizer):
     from tests.conftest import padded_batch
     output = model(**padded_batch(), exits=[3])
     assert calls == [3] and output.layers[:3] == [None] * 3 and output.layers[3] is not None
+
+
+def test_run_spec_round_trips_its_source_and_reads_states_from_before_sources(tmp_path):
+    run = RunSpec(FileSource("/d/t.csv", columns=Columns("body"), labels=("a", "b")), "minilm-l6",
+                  args_for(tmp_path), ExitHeadConfig(prototype_dim=8))
+    assert RunSpec.from_dict(json.loads(json.dumps(run.to_dict()))) == run
+    legacy = {"task": "rte", "backbone": "minilm-l6", "args": run.args.to_dict(), "data_dir": "/glue",
+              "hub_dataset": None, "heads": run.to_dict()["heads"]}
+    assert RunSpec.from_dict(legacy).data == GlueSource("rte", "/glue")
+
+
+def test_a_stopped_run_on_a_users_file_resumes_from_its_recorded_source(tmp_path, tiny_backbone_dir, tickets_dir,
+                                                                         monkeypatch):
+    class Stopped(Exception):
+        """Stands in for the SIGKILL of the stop hook, so that the run stops inside this process."""
+
+    def stop(pid, sig):
+        raise Stopped
+
+    monkeypatch.setattr("de3bert.training.os.kill", stop)
+    monkeypatch.setenv(STOP_AFTER_STEPS_ENV, "5")
+    source = FileSource(str(tickets_dir / "tickets.csv"))
+    with pytest.raises(Stopped):
+        train(source, str(tiny_backbone_dir), args_for(tmp_path, epochs=1, save_every_steps=4))
+    assert RunSpec.from_dict(load_training_state(tmp_path / "ckpt").run).data == source
+    monkeypatch.delenv(STOP_AFTER_STEPS_ENV)
+    config = EarlyExitModel.from_pretrained(resume(tmp_path / "ckpt").output_dir).config
+    assert config.training["data"] == source.to_dict() and config.label_names == sorted(TICKETS)

@@ -14,7 +14,7 @@ HUB_HELP = "read the task from a Hugging Face datasets id instead (e.g. nyu-mll/
 
 
 def _table(rows: list[dict], columns: list[str]) -> str:
-    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
+    widths = {c: max([len(c), *(len(_fmt(r.get(c))) for r in rows)]) for c in columns}  # rows may be none
     lines = ["  ".join(c.rjust(widths[c]) for c in columns)]
     lines += ["  ".join(_fmt(r.get(c)).rjust(widths[c]) for c in columns) for r in rows]
     return "\n".join(lines)
@@ -36,6 +36,42 @@ def _policy(args) -> "ExitPolicy | None":
 
 # the train options that may accompany --resume: where the data and the run are now, and progress bars
 RESUME_OPTIONS = ("resume", "data_dir", "no_progress", "device")
+# the train options that only one kind of data takes
+DATA_OPTIONS = {
+    "--task": ("data_dir", "hub_dataset"),
+    "--train-file": ("validation_file", "text_column", "text_pair_column", "label_column", "labels", "regression"),
+    "--dataset": ("dataset_config", "train_split", "validation_split", "text_column", "text_pair_column",
+                  "label_column", "labels", "regression"),
+}
+
+
+def _given(args, names) -> list[str]:
+    """The train options among `names` set to something other than their defaults, as written on the command line."""
+    defaults = vars(build_parser().parse_args(["train"]))
+    return [f"--{name.replace('_', '-')}" for name in names if getattr(args, name) != defaults[name]]
+
+
+def _data_source(args) -> "DataSource":
+    """The data the train options name: a GLUE task, the user's files or a `datasets` dataset — exactly one."""
+    from de3bert.data import Columns, DatasetSource, FileSource, GlueSource
+
+    chosen = [option for option in DATA_OPTIONS if getattr(args, option[2:].replace("-", "_")) is not None]
+    if len(chosen) != 1:
+        raise De3bertError("give one of --task (a GLUE task), --train-file (your .csv, .tsv or .jsonl) and --dataset "
+                           "(a `datasets` id or folder)" + (f", not {' and '.join(chosen)}" if chosen else ""))
+    kind = chosen[0]
+    foreign = _given(args, sorted({n for k, names in DATA_OPTIONS.items() if k != kind for n in names}
+                                  - set(DATA_OPTIONS[kind])))
+    if foreign:
+        raise De3bertError(f"{' '.join(foreign)} do{'es' if len(foreign) == 1 else ''} not go with {kind}")
+    if kind == "--task":
+        return GlueSource(args.task, args.data_dir, args.hub_dataset)
+    labels = None if args.labels is None else tuple(label.strip() for label in args.labels.split(","))
+    user = dict(columns=Columns(args.text_column, args.text_pair_column, args.label_column), labels=labels,
+                regression=args.regression)
+    if kind == "--train-file":
+        return FileSource(args.train_file, args.validation_file, **user)
+    return DatasetSource(args.dataset, args.dataset_config, args.train_split, args.validation_split, **user)
 
 
 def cmd_train(args) -> None:
@@ -44,29 +80,30 @@ def cmd_train(args) -> None:
     from de3bert.training import TrainingArguments, process_state, resume, train
 
     if args.resume:
-        defaults = vars(build_parser().parse_args(["train"]))
-        repeated = [f"--{name.replace('_', '-')}" for name, value in vars(args).items()
-                    if name not in RESUME_OPTIONS and value != defaults[name]]
+        repeated = _given(args, [name for name in vars(args) if name not in RESUME_OPTIONS])
         if repeated:
             raise De3bertError("--resume continues a run with the options it was started with; "
                                f"drop {' '.join(repeated)}")
         result = resume(args.resume, args.data_dir, progress=not args.no_progress,
                         device=None if args.device == "auto" else args.device)
     else:
-        if args.task is None or args.output is None:
-            raise De3bertError("give --task and --output (or --resume DIR to continue a stopped run)")
+        if args.output is None:
+            raise De3bertError("give --output and the data (--task, --train-file or --dataset), or --resume DIR "
+                               "to continue a stopped run")
+        source = _data_source(args)
         training_args = TrainingArguments(
             output_dir=args.output, recipe=args.recipe, epochs=args.epochs, learning_rate=args.learning_rate,
             head_learning_rate=args.head_learning_rate, batch_size=args.batch_size, seed=args.seed, alpha=args.alpha,
             beta=args.beta, target_speedup=args.target_speedup, lam=args.lam, max_train_samples=args.max_train_samples,
-            calibration_fraction=args.calibration_fraction, max_length=args.max_length,
-            save_every_steps=args.save_every_steps, criterion=args.criterion, device=args.device,
-            precision=args.precision, progress=not args.no_progress)
+            calibration_fraction=args.calibration_fraction, validation_fraction=args.validation_fraction,
+            max_length=args.max_length, save_every_steps=args.save_every_steps, criterion=args.criterion,
+            device=args.device, precision=args.precision, progress=not args.no_progress)
         heads = ExitHeadConfig(prototype_dim=args.prototype_dim, distance=args.distance, dropout=args.head_dropout,
                                pooling=args.pooling, prototypes=args.prototypes,
                                prototype_momentum=args.prototype_momentum)
-        result = train(args.task, args.model, training_args, args.data_dir, args.hub_dataset, heads)
-    process_state(args.device).print(f"best checkpoint (selection score {result.best_score:.4f}) saved to {result.output_dir}")
+        result = train(source, args.model, training_args, heads=heads)
+    process_state(args.device).print(f"best checkpoint (selection score {result.best_score:.4f}) saved to "
+                                     f"{result.output_dir}")
 
 
 def cmd_evaluate(args) -> None:
@@ -74,16 +111,18 @@ def cmd_evaluate(args) -> None:
 
     output = Path(args.output) if args.output else Path(args.checkpoint) / "evaluation"
     report = evaluate_checkpoint(args.checkpoint, args.task, args.data_dir, args.hub_dataset, output,
-                                 pcee_patience=args.pcee_patience, progress=not args.no_progress, device=args.device,
-                                 precision=args.precision)
+                                 pcee_patience=args.pcee_patience, progress=not args.no_progress, split=args.split,
+                                 eval_file=args.eval_file, text_column=args.text_column,
+                                 text_pair_column=args.text_pair_column, label_column=args.label_column,
+                                 device=args.device, precision=args.precision)
     metric = report["metric"]
-    print(f"\n{report['task']} dev ({report['dev_examples']} examples): {metric} of every exit")
+    print(f"\n{report['task']} {report['evaluated_on']} ({report['eval_examples']} examples): {metric} of every exit")
     print(_table(report["layer_metrics"], list(report["layer_metrics"][0])))
     if report["oracle"]:
         o = report["oracle"]
         print(f"\noracle (shallowest correct exit): {metric} {o['metric']:.4f} at speed-up {o['speedup']:.2f}x")
     print(f"\nthresholds calibrated on {report['calibration_split']} ({report['calibration_examples']} examples), "
-          f"measured on dev:")
+          f"measured on {report['evaluated_on']}:")
     rows = [r for r in report["calibrated"] if "speedup" in r]
     print(_table(rows, ["policy", "target_speedup", "threshold", "patience", "speedup", "metric", "mean_exit_layer"]))
     for row in report["calibrated"]:
@@ -101,6 +140,7 @@ def cmd_predict(args) -> None:
     import json
 
     from de3bert.batch_predict import predict_file
+    from de3bert.data import recorded_columns
     from de3bert.engine import EarlyExitEngine
     from de3bert.modeling import EarlyExitModel
 
@@ -109,7 +149,9 @@ def cmd_predict(args) -> None:
     if args.input is not None:
         if args.output is None:
             raise De3bertError("--input needs --output (a .jsonl, .tsv or .csv file to write)")
-        count = predict_file(engine, args.input, args.output, args.text_column, args.text_pair_column,
+        columns = recorded_columns(model.config.training, model.config.task).overridden(args.text_column,
+                                                                                        args.text_pair_column)
+        count = predict_file(engine, args.input, args.output, columns.text, columns.text_pair,
                              progress=not args.no_progress)
         print(f"wrote {count} predictions to {args.output}")
         return
@@ -188,9 +230,31 @@ def build_parser() -> argparse.ArgumentParser:
         "Distance-enhanced early exiting (DE³-BERT) for BERT-family classifiers: train, evaluate, predict."))
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="fine-tune an early-exit model on a task",
+    train = sub.add_parser("train", help="fine-tune an early-exit model on your data, a dataset or a GLUE task",
                            formatter_class=HelpFormatter)
-    train.add_argument("--task", help="GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli (required)")
+    data = train.add_argument_group("data: exactly one of --train-file, --dataset and --task")
+    data.add_argument("--train-file", help="your training data: a .csv, .tsv or .jsonl file with named columns")
+    data.add_argument("--validation-file",
+                      help="your validation data (same columns), to pick the best epoch (default: a stratified "
+                           "--validation-fraction of the training file is held out for that)")
+    data.add_argument("--dataset", help="a Hugging Face `datasets` id (needs internet and `pip install datasets`) or "
+                                        "a local folder of data files (train.csv, validation.csv, ...)")
+    data.add_argument("--dataset-config", help="configuration (subset) name of --dataset")
+    data.add_argument("--train-split", default="train", help="split of --dataset to train on")
+    data.add_argument("--validation-split",
+                      help="split of --dataset that picks the best epoch (default: its 'validation' split if it has "
+                           "one, else a held-out slice of the training split)")
+    data.add_argument("--text-column", default="text", help="column holding the text")
+    data.add_argument("--text-pair-column", help="column holding the second text, for pair tasks")
+    data.add_argument("--label-column", default="label", help="column holding the label (or the score)")
+    data.add_argument("--labels",
+                      help="the class labels in output order, separated by commas, e.g. bug,feature,question "
+                           "(default: the labels found in the training data, sorted)")
+    data.add_argument("--regression", action="store_true", help="the label column holds a number to predict")
+    data.add_argument("--validation-fraction", type=float, default=0.1,
+                      help="share of the training data held out, stratified by class, to pick the best epoch when "
+                           "there is no validation file or split")
+    data.add_argument("--task", help="GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli")
     train.add_argument("--model", default="minilm-l6",
                        help="backbone: minilm-l6 (embedded), mpnet-base (12 layers), a local folder or hub id")
     train.add_argument("--recipe", default="de3", choices=["de3", "pabee", "deebert"],
@@ -232,8 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "regression-patience"],
                        help="criterion of the default exit policy (default: the one that scores best on the "
                             "calibration split at --target-speedup; the recipe's own on a tie)")
-    train.add_argument("--data-dir", help=DATA_HELP)
-    train.add_argument("--hub-dataset", help=HUB_HELP)
+    data.add_argument("--data-dir", help=DATA_HELP)
+    data.add_argument("--hub-dataset", help=HUB_HELP)
     _add_device_options(train, training=True)
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.set_defaults(func=cmd_train)
@@ -241,11 +305,19 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("evaluate", help="per-layer metrics, oracle, threshold sweeps, calibration, plot",
                               formatter_class=HelpFormatter)
     evaluate.add_argument("checkpoint", help="checkpoint folder written by `de3bert train`")
-    evaluate.add_argument("--task", help="task to evaluate on (default: the checkpoint's)")
+    evaluate.add_argument("--eval-file", help="a labelled .csv, .tsv or .jsonl file to score the model on (default: "
+                                              "the dev or validation data of its training run)")
+    evaluate.add_argument("--text-column", help="text column of --eval-file (default: the training data's)")
+    evaluate.add_argument("--text-pair-column", help="second text column of --eval-file (default: the training data's)")
+    evaluate.add_argument("--label-column", help="label column of --eval-file (default: the training data's); labels "
+                                                 "may be written as values or as names")
+    evaluate.add_argument("--split", default="dev",
+                          help="split of the training data to score on instead, e.g. dev_mismatched for MNLI")
+    evaluate.add_argument("--task", help="GLUE task to evaluate on (default: the data the checkpoint was trained on)")
     evaluate.add_argument("--output", help="folder for evaluation.json, sweeps.csv, calibrated.csv, tradeoff.png "
                                            "(default: CHECKPOINT/evaluation)")
     evaluate.add_argument("--pcee-patience", type=int, default=2, help="patience t used for PCEE")
-    evaluate.add_argument("--data-dir", help=DATA_HELP)
+    evaluate.add_argument("--data-dir", help=DATA_HELP + " (default: the folder the checkpoint was trained from)")
     evaluate.add_argument("--hub-dataset", help=HUB_HELP)
     _add_device_options(evaluate)
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -257,8 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--text", help="the text to classify")
     predict.add_argument("--text-pair", help="second text, for pair tasks (RTE, MRPC, QNLI, ...)")
     predict.add_argument("--input", help="file of inputs to classify (.tsv, .csv or .jsonl with named columns)")
-    predict.add_argument("--text-column", default="text", help="column of --input holding the text")
-    predict.add_argument("--text-pair-column", help="column of --input holding the second text of a pair")
+    predict.add_argument("--text-column", help="column of --input holding the text (default: the training data's)")
+    predict.add_argument("--text-pair-column",
+                         help="column of --input holding the second text of a pair (default: the training data's)")
     predict.add_argument("--output", help="where to write predictions for --input (.jsonl, .tsv or .csv)")
     predict.add_argument("--batch-size", type=int, default=32, help="inference batch size")
     predict.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -35,8 +35,8 @@ class BatchExits:
 
 @dataclass
 class Prediction:
-    """One input's answer: label (or score), class probabilities, exit layer and indicator at exit (None
-    where the criterion has no value: a prototype criterion at a last layer without prototypes)."""
+    """One input's answer: label name (or score), class probabilities by label name, exit layer and indicator at
+    exit (None where the criterion has no value: a prototype criterion at a last layer without prototypes)."""
 
     label: str | float
     probabilities: dict[str, float] | None
@@ -163,7 +163,7 @@ class EarlyExitEngine:
         if len(pairs) != len(texts):
             raise PolicyError(f"got {len(texts)} texts but {len(pairs)} text pairs")
         results = self.run_examples([Example(a, b, -1) for a, b in zip(texts, pairs)], policy)
-        labels = self.model.config.labels
+        labels = self.model.config.label_names
         predictions = []
         for row in range(len(texts)):
             indicator = float(results.indicators[row])

@@ -18,8 +18,9 @@ from sklearn.metrics import roc_auc_score
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from de3bert.data import (Collator, EncodedExample, Example, TaskSpec, compute_metrics, encode_examples, load_split,
-                          main_metric, split_off, subsample)
+from de3bert.data import (Collator, DataSource, EncodedExample, Example, GlueSource, RunData, TaskSpec, as_source,
+                          compute_metrics, encode_examples, load_run_data, main_metric, read_table, recorded_source,
+                          with_location)
 from de3bert.errors import CheckpointError, PolicyError
 from de3bert.heads import HeadOutput
 from de3bert.model_card import write_model_card
@@ -259,47 +260,86 @@ def criteria_for(model: EarlyExitModel) -> tuple[str, ...]:
     return tuple(c for c in CLASSIFICATION_CRITERIA if c not in ("edr", "dr"))
 
 
-def calibration_examples(model: EarlyExitModel, task_name: str, data_dir: str | None,
-                         hub_dataset: str | None) -> tuple[str, list[Example]]:
-    """The held-out calibration split the checkpoint was trained beside (rebuilt from its seed)."""
+def run_data(model: EarlyExitModel, source: DataSource) -> RunData:
+    """The examples of the run that trained the checkpoint — training, dev and the held-out slices — rebuilt from
+    its source and its recorded subsample size, fractions and seed."""
     training = model.config.training
-    fraction = training.get("calibration_fraction", 0.0)
-    if not fraction:
-        return "dev", load_split(task_name, "dev", data_dir, hub_dataset)[1]
-    examples = load_split(task_name, "train", data_dir, hub_dataset)[1]
-    if training.get("max_train_samples"):
-        examples = subsample(examples, training["max_train_samples"], training["seed"])
-    return "calibration (held out from train)", split_off(examples, fraction, training["seed"])[0]
+    return load_run_data(source, training.get("max_train_samples"), training.get("validation_fraction", 0.1),
+                         training.get("calibration_fraction", 0.0), training.get("seed", 42))
+
+
+def _calibration_split(data: RunData) -> tuple[str, list[Example]]:
+    if data.calibration:
+        return "calibration (held out from train)", data.calibration
+    return data.dev_split, data.dev
+
+
+def calibration_examples(model: EarlyExitModel, source: DataSource | str, data_dir: str | None = None,
+                         hub_dataset: str | None = None) -> tuple[str, list[Example]]:
+    """The held-out calibration split the checkpoint was trained beside (rebuilt from its seed), or its dev set
+    when it held none out. source: a data source, or a GLUE task name read from data_dir or hub_dataset."""
+    return _calibration_split(run_data(model, as_source(source, data_dir, hub_dataset)))
+
+
+def evaluation_source(model: EarlyExitModel, task_name: str | None = None, data_dir: str | None = None,
+                      hub_dataset: str | None = None) -> DataSource:
+    """The data a checkpoint is evaluated against: the GLUE task `task_name` if given, else the source it was
+    trained on (a GLUE task moved to data_dir or hub_dataset if given)."""
+    if task_name is not None:
+        return GlueSource(task_name, data_dir, hub_dataset)
+    source = recorded_source(model.config.training, model.config.task)
+    if source is None:
+        raise CheckpointError(f"the checkpoint of task '{model.config.task}' records no training data to rebuild "
+                              "its calibration slice from, and that is no GLUE task; give the GLUE task to use")
+    return with_location(source, data_dir, hub_dataset)
 
 
 def evaluate_checkpoint(checkpoint: str | Path, task_name: str | None = None, data_dir: str | None = None,
                         hub_dataset: str | None = None, output_dir: str | Path | None = None,
                         batch_size: int = 64, pcee_patience: int = 2, lam: float | None = None,
-                        progress: bool = True, device: str | None = None, precision: str = "fp32") -> dict:
-    """Per-layer metrics, oracle, sweeps and calibrated trade-off of a checkpoint (run on `device` in `precision`,
-    as in EarlyExitModel.from_pretrained); writes JSON, CSV, PNG."""
+                        progress: bool = True, split: str = "dev", eval_file: str | Path | None = None,
+                        text_column: str | None = None, text_pair_column: str | None = None,
+                        label_column: str | None = None, device: str | None = None, precision: str = "fp32") -> dict:
+    """Per-layer metrics, oracle, sweeps and calibrated trade-off of a checkpoint; writes JSON, CSV, PNG.
+
+    It is scored on its dev set, another split of its data (`split`, e.g. "dev_mismatched"), or a labelled file
+    (`eval_file`: .csv, .tsv or .jsonl, its columns by default those of the training data; labels as values or
+    names). Thresholds are calibrated on the run's calibration slice, rebuilt from its data (see
+    `evaluation_source`). The model runs on `device` in `precision` (as in EarlyExitModel.from_pretrained).
+    """
     model = EarlyExitModel.from_pretrained(checkpoint, device=device, precision=precision)
-    task_name = task_name or model.config.task
-    task, dev_examples = load_split(task_name, "dev", data_dir, hub_dataset)
+    source = evaluation_source(model, task_name, data_dir, hub_dataset)
+    data = run_data(model, source)
+    task = data.task
     if list(task.labels) != model.config.labels:
         raise CheckpointError(f"checkpoint {checkpoint} was trained for task '{model.config.task}' with labels "
                               f"{model.config.labels}, not for '{task.name}' with labels {list(task.labels)}")
+    if eval_file is not None:
+        columns = source.columns.overridden(text_column, text_pair_column, label_column)
+        evaluated_on = Path(eval_file).name
+        examples = read_table(eval_file, columns.text, columns.text_pair, columns.label, task.labels,
+                              task.label_names, "the model's labels")[0]
+    else:
+        evaluated_on, examples = (data.dev_split, data.dev) if split == "dev" else (split, source.read(split, task))
     max_length = model.config.max_length
-    dev = collect_layer_outputs(model, encode_examples(model.tokenizer, dev_examples, max_length), batch_size, progress)
-    split_name, cal_examples = calibration_examples(model, task_name, data_dir, hub_dataset)
+    evaluated = collect_layer_outputs(model, encode_examples(model.tokenizer, examples, max_length), batch_size,
+                                      progress)
+    split_name, cal_examples = _calibration_split(data)
     calibration = collect_layer_outputs(model, encode_examples(model.tokenizer, cal_examples, max_length),
                                         batch_size, progress)
     grid = {"patience": pcee_patience, "lam": lam if lam is not None else (model.config.policy or {}).get("lam", 1.0)}
     criteria = criteria_for(model)
-    layers = layer_metrics(dev, task)
+    layers = layer_metrics(evaluated, task)
     report = {
         "checkpoint": str(checkpoint), "task": task.name, "recipe": model.config.training.get("recipe"),
-        "metric": task.main_metric, "num_layers": dev.num_layers,
-        "dev_examples": len(dev_examples), "calibration_split": split_name, "calibration_examples": len(cal_examples),
-        "layer_metrics": layers, "full_depth": main_metric(task, layers[-1]), "oracle": oracle(dev, task),
-        "sweeps": {c: sweep(c, dev, task, **grid) for c in criteria},
-        "calibrated": calibrated_table(criteria, calibration, dev, task, **grid),
-        "separation": {c: indicator_auroc(c, dev, grid["lam"]) for c in SEPARATION_CRITERIA if c in criteria},
+        "metric": task.main_metric,
+        "num_layers": evaluated.num_layers, "evaluated_on": evaluated_on, "eval_examples": len(examples),
+        "class_counts": task.class_counts(e.label for e in examples),
+        "calibration_split": split_name, "calibration_examples": len(cal_examples),
+        "layer_metrics": layers, "full_depth": main_metric(task, layers[-1]), "oracle": oracle(evaluated, task),
+        "sweeps": {c: sweep(c, evaluated, task, **grid) for c in criteria},
+        "calibrated": calibrated_table(criteria, calibration, evaluated, task, **grid),
+        "separation": {c: indicator_auroc(c, evaluated, grid["lam"]) for c in SEPARATION_CRITERIA if c in criteria},
         "overhead": model.overhead(),
     }
     if output_dir is not None:
@@ -317,7 +357,8 @@ def write_report(report: dict, output_dir: Path) -> None:
     _write_csv(output_dir / "sweeps.csv", sweep_rows)
     _write_csv(output_dir / "calibrated.csv", report["calibrated"])
     plot_tradeoff(report["sweeps"], output_dir / "tradeoff.png",
-                  f"{report['task']}: accuracy/speed trade-off ({report['num_layers']} layers)", report["metric"],
+                  f"{report['task']} {report['evaluated_on']}: accuracy/speed trade-off "
+                  f"({report['num_layers']} layers)", report["metric"],
                   report["full_depth"], report["oracle"], report["calibrated"], report.get("recipe"))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from de3bert.data import source_from_dict
 
 def describe_choice(selection: dict) -> str:
     """One sentence saying which criterion a `choose_policy` record (evaluation.py) picked, and by how much."""
@@ -47,7 +48,7 @@ def render_model_card(config, plot: str | None = None) -> str:
         "",
         f"- backbone: `{config.backbone_name}` ({config.backbone.get('model_type')}, "
         f"{config.backbone.get('num_hidden_layers')} layers, hidden {config.backbone.get('hidden_size')})",
-        f"- task: `{config.task}`, labels: {config.labels or 'regression score'}",
+        f"- task: `{config.task}`, " + (_labels(config) if config.labels else "regression score"),
         f"- exit heads: {config.heads.pooling or 'cls'} pooling, prototype dim "
         f"{config.heads.prototype_dim if config.heads.prototype_dim is not None else 'hidden size'}, "
         f"distance {config.heads.distance}; max length {config.max_length} tokens",
@@ -56,10 +57,14 @@ def render_model_card(config, plot: str | None = None) -> str:
         lines.append(f"- recipe: `{training.get('recipe')}`, epochs {training.get('epochs')}, "
                      f"learning rate {training.get('learning_rate')} (heads {training.get('head_learning_rate')}), "
                      f"seed {training.get('seed')}")
+        dev = training.get("dev_split", "dev")
         lines.append(f"- data: {training.get('train_examples')} training, {training.get('calibration_examples')} "
-                     f"calibration (held out from train), {training.get('dev_examples')} dev examples"
+                     f"calibration (held out from train), {training.get('dev_examples')} {dev} examples"
+                     + ("" if dev == "dev" else " (held out from train, to pick the best epoch)")
                      + (f" (train subsampled to {training['max_train_samples']})"
                         if training.get("max_train_samples") else ""))
+        if "data" in training:
+            lines.append(f"- data source: {source_from_dict(training['data']).describe()}")
     if config.policy:
         lines.append(f"- default exit policy: {config.policy['criterion']} τ={config.policy['threshold']:.4g}, "
                      f"patience {config.policy['patience']}"
@@ -67,6 +72,12 @@ def render_model_card(config, plot: str | None = None) -> str:
     layer_metrics = training.get("layer_metrics")
     if layer_metrics:
         lines += ["", "## Metric of every exit (dev)", "", _table(layer_metrics, list(layer_metrics[0]))]
+    counts = training.get("class_counts") or {}
+    if any(counts.values()):
+        header = {"train": "train", "calibration": "calibration", "dev": training.get("dev_split", "dev")}
+        rows = [{"label": name, **{header[split]: by_class.get(name) for split, by_class in counts.items()}}
+                for name in config.label_names]
+        lines += ["", "## Examples of each class", "", _table(rows, ["label", *(header[split] for split in counts)])]
     calibrated = [row for row in config.calibration if "error" not in row]
     if calibrated:
         lines += ["", "## Calibrated trade-off", "",
@@ -88,6 +99,12 @@ def render_model_card(config, plot: str | None = None) -> str:
         "or `de3bert predict path/to/this/folder --text '...'`, `de3bert serve path/to/this/folder`.", "",
     ]
     return "\n".join(lines)
+
+
+def _labels(config) -> str:
+    """The classes by name, with the value the data writes for each where that differs."""
+    named = [name if name == value else f"{name} ({value})" for name, value in zip(config.label_names, config.labels)]
+    return f"{len(named)} classes: {', '.join(named)}"
 
 
 def write_model_card(config, directory: Path) -> None:

@@ -17,6 +17,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from de3bert.atomic import replace_directory
 from de3bert.backbones import Backbone, backbone_from_config, count_parameters, load_backbone, resolve_backbone
 from de3bert.devices import DTYPES, resolve_device, resolve_precision
+from de3bert.data.tasks import default_label_names
 from de3bert.errors import CheckpointError
 from de3bert.heads import DISTANCES, POOLINGS, ExitHead, HeadOutput
 from de3bert.model_card import write_model_card
@@ -70,7 +71,9 @@ class EarlyExitConfig:
     """Everything needed to rebuild a checkpoint: backbone, heads, task and the calibrated policy.
 
     backbone: the backbone's Hugging Face config as a dict. backbone_name: where it came from.
-    labels: the task's label strings in index order (empty for regression).
+    labels: the task's label values as the data writes them, in index order (empty for regression).
+    label_names: the readable name of each label, what predictions say (config.json holds them as the
+        Hugging Face `id2label` / `label2id`); empty: derived from the task (GLUE names, else the labels).
     policy: the default exit policy (ExitPolicy as a dict), calibrated after training.
     policy_selection: how that policy's criterion was chosen (evaluation.choose_policy): the calibration metric
         of every criterion at the target speed-up, the winner, and whether it was forced.
@@ -89,6 +92,12 @@ class EarlyExitConfig:
     calibration: list[dict] = field(default_factory=list)
     training: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    label_names: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.label_names = list(self.label_names or default_label_names(self.task, tuple(self.labels)))
+        if len(self.label_names) != len(self.labels) or len(set(self.label_names)) != len(self.label_names):
+            raise CheckpointError(f"label names {self.label_names} do not name the labels {self.labels} one each")
 
     @property
     def num_labels(self) -> int:
@@ -101,15 +110,19 @@ class EarlyExitConfig:
         return not self.labels
 
     def to_dict(self) -> dict:
-        """JSON-ready form (what config.json holds)."""
-        return {"de3bert": asdict(self)}
+        """JSON-ready form (what config.json holds): label names as the Hugging Face id2label / label2id."""
+        body = asdict(self)
+        names = body.pop("label_names")
+        return {"id2label": {str(i): name for i, name in enumerate(names)},
+                "label2id": {name: i for i, name in enumerate(names)}, "de3bert": body}
 
     @classmethod
     def from_dict(cls, data: dict) -> EarlyExitConfig:
-        """Inverse of to_dict."""
+        """Inverse of to_dict; a config without id2label (older checkpoints) gets names derived from its task."""
         body = dict(data["de3bert"])
         body["heads"] = ExitHeadConfig(**(LEGACY_HEADS | body.get("heads", {})))
-        return cls(**body)
+        id2label = data.get("id2label") or {}
+        return cls(**body, label_names=[id2label[key] for key in sorted(id2label, key=int)])
 
 
 @dataclass
@@ -159,8 +172,10 @@ class EarlyExitModel(nn.Module):
         labels: list[str],
         heads: ExitHeadConfig | None = None,
         max_length: int = 128,
+        label_names: list[str] | None = None,
     ) -> EarlyExitModel:
-        """New model on a pretrained backbone with freshly initialized exit heads."""
+        """New model on a pretrained backbone with freshly initialized exit heads (label_names: what predictions
+        call each label; None: derived from the task)."""
         backbone, tokenizer = load_backbone(backbone_name)
         pretrained_pooler = _pretrained_pooler_state(backbone_name)
         heads = heads or ExitHeadConfig()
@@ -168,7 +183,7 @@ class EarlyExitModel(nn.Module):
             heads = replace(heads, pooling=pretrained_pooling(backbone_name))
         config = EarlyExitConfig(
             backbone=backbone.config.to_dict(), backbone_name=backbone_name, task=task, labels=list(labels),
-            heads=heads, max_length=max_length,
+            heads=heads, max_length=max_length, label_names=list(label_names or []),
         )
         model = cls(config, backbone, tokenizer)
         model.init_heads(pretrained_pooler)
@@ -306,8 +321,8 @@ def read_config(directory: Path) -> EarlyExitConfig:
         )
     try:
         return EarlyExitConfig.from_dict(data)
-    except TypeError as exc:
-        raise CheckpointError(f"{path} has an unexpected de3bert section: {exc}") from exc
+    except (TypeError, ValueError) as exc:  # a field this de3bert does not know, or id2label keys that are not ids
+        raise CheckpointError(f"{path} has an unexpected de3bert section or id2label: {exc}") from exc
 
 
 def _load_tokenizer(directory: Path) -> PreTrainedTokenizerBase:

@@ -39,14 +39,14 @@ def max_probability(probs: torch.Tensor) -> torch.Tensor:
     return probs.max(-1).values
 
 
-def distance_ratio(probs: torch.Tensor, distances: torch.Tensor) -> torch.Tensor:
-    """DR = 0.5·(1 + (r1 − r2)/max(r1, r2)), r1 = distance to the predicted class's prototype,
-    r2 = nearest other prototype. DR > 0.5 when the classifier disagrees with the geometry; 0.5
-    when both distances are equal (both 0, or both overflowed to inf)."""
+def distance_ratio(scores: torch.Tensor, distances: torch.Tensor) -> torch.Tensor:
+    """DR = 0.5·(1 + (r1 − r2)/max(r1, r2)), r1 = distance to the prototype of the predicted class (the argmax
+    of the classifier's scores: logits, or probabilities), r2 = nearest other prototype. DR > 0.5 when the
+    classifier disagrees with the geometry; 0.5 when both distances are equal (both 0, or both overflowed to inf)."""
     # Distances are >= 0 by definition, but 1 − cos rounds slightly below 0, and half-precision squared distances
     # overflow to inf (then inf/inf is NaN): clamp both into [0, largest finite value].
     distances = distances.clamp(0.0, torch.finfo(distances.dtype).max)
-    predicted = probs.argmax(-1, keepdim=True)
+    predicted = scores.argmax(-1, keepdim=True)
     r1 = distances.gather(-1, predicted).squeeze(-1)
     r2 = distances.scatter(-1, predicted, float("inf")).min(-1).values
     # |r1 - r2| <= max(r1, r2) for distances >= 0, so the ratio lies in [-1, 1]; 0/ε = 0 when both are 0
@@ -164,9 +164,11 @@ class ExitPolicy:
             delta = torch.full_like(value, math.inf) if previous is None else (value - previous).abs()
             return delta, value
         # a half-precision head can overflow to ±inf, and softmax of inf is NaN; the largest finite float is not
-        probs = logits.clamp(-FLOAT32_MAX, FLOAT32_MAX).softmax(-1)
-        # a regression head (one output; full depth is its other criterion) predicts its score, not a class
-        prediction = logits.squeeze(-1) if logits.shape[-1] == 1 else probs.argmax(-1)
+        finite = logits.clamp(-FLOAT32_MAX, FLOAT32_MAX)
+        probs = finite.softmax(-1)
+        # the class of the largest logit (probabilities can tie where logits do not); a regression head (one
+        # output; full depth is its other criterion) predicts its score
+        prediction = logits.squeeze(-1) if logits.shape[-1] == 1 else finite.argmax(-1)
         if self.criterion == "patience":
             changed = torch.ones_like(prediction, dtype=torch.bool) if previous is None else prediction != previous
             return changed.float(), prediction
@@ -176,7 +178,7 @@ class ExitPolicy:
             return max_probability(probs), prediction
         if output.distances is None:
             raise PolicyError(f"criterion '{self.criterion}' needs prototype distances, but the head gave none")
-        ratio = distance_ratio(probs, output.distances.float())
+        ratio = distance_ratio(finite, output.distances.float())
         if self.criterion == "dr":
             return ratio, prediction
         return hybrid_indicator(normalized_entropy(probs), ratio, self.lam), prediction

@@ -114,9 +114,9 @@ class PolicyInfo(BaseModel):
 class PredictionOut(BaseModel):
     """One input's answer."""
 
-    label: str | None = Field(description="predicted label (None for regression)")
+    label: str | None = Field(description="predicted label's name (None for regression)")
     score: float | None = Field(description="predicted score (regression only)")
-    probabilities: dict[str, float] | None = Field(description="class probabilities at the exit layer")
+    probabilities: dict[str, float] | None = Field(description="class probabilities at the exit layer, by label name")
     exit_layer: int = Field(description="1-based layer the input left at")
     indicator: float | None = Field(description="the criterion's indicator value at the exit layer (null for a "
                                                 "prototype criterion at a last layer without prototypes)")
@@ -136,7 +136,7 @@ class ModelInfo(BaseModel):
     model_version: str
     backbone: str
     task: str
-    labels: list[str]
+    labels: list[str] = Field(description="label names, in the order of the model's outputs")
     num_layers: int
     max_length: int
     heads: dict = Field(description="exit-head configuration")
@@ -449,7 +449,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         """What is served: backbone, task, labels, layers, default policy and the calibrated speed-up table."""
         config = model.config
         return ModelInfo(
-            model_version=served_version, backbone=config.backbone_name, task=config.task, labels=config.labels,
+            model_version=served_version, backbone=config.backbone_name, task=config.task, labels=config.label_names,
             num_layers=model.num_layers, max_length=config.max_length, heads=asdict(config.heads), criteria=list(served_criteria(model)),
             policy=PolicyInfo(**asdict(default)), calibration=config.calibration,
             limits={"max_inputs": settings.max_inputs, "max_chars": settings.max_chars,

@@ -16,13 +16,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from de3bert.atomic import write_file
-from de3bert.data import (Collator, EncodedExample, TaskSpec, encode_examples, load_split, main_metric, split_off,
-                          subsample)
+from de3bert.data import (Collator, DataSource, EncodedExample, GlueSource, TaskSpec, as_source, encode_examples,
+                          load_run_data, main_metric, source_from_dict, with_location)
 from de3bert.devices import PRECISIONS, resolve_device, resolve_precision
 from de3bert.errors import CheckpointError, De3bertError, DeviceError
 from de3bert.evaluation import (CLASSIFICATION_CRITERIA, LayerOutputs, calibrated_table, choose_policy,
@@ -123,6 +124,9 @@ class TrainingArguments:
     """Train on a fixed random subsample of this many examples (None: all)."""
     calibration_fraction: float = 0.1
     """Fraction of the training data held out to calibrate exit thresholds (0: calibrate on dev)."""
+    validation_fraction: float = 0.1
+    """Fraction of the training data held out, stratified by class, to pick the best epoch when the data has no
+    dev set of its own (a user's files without a validation file; a dataset without a validation split)."""
     max_length: int = 128
     """Maximum tokens per input; longer inputs are truncated (and counted)."""
     save_every_steps: int = 200
@@ -142,8 +146,9 @@ class TrainingArguments:
             raise De3bertError(f"unknown recipe '{self.recipe}'; choose one of {', '.join(RECIPES)}")
         if self.epochs < 1:
             raise De3bertError(f"epochs must be at least 1, got {self.epochs}")
-        if not 0.0 <= self.calibration_fraction < 1.0:
-            raise De3bertError(f"calibration_fraction must lie in [0, 1), got {self.calibration_fraction}")
+        for name in ("calibration_fraction", "validation_fraction"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise De3bertError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
         if self.batch_size < 1:
             raise De3bertError(f"batch_size must be at least 1, got {self.batch_size}")
         if self.save_every_steps < 0:
@@ -166,20 +171,24 @@ class TrainingArguments:
 class RunSpec:
     """What a training run was asked to do; saved with its training state, so that `resume` needs only the folder."""
 
-    task: str
+    data: DataSource
     backbone: str
     args: TrainingArguments
-    data_dir: str | None = None
-    hub_dataset: str | None = None
     heads: ExitHeadConfig = field(default_factory=ExitHeadConfig)
 
     def to_dict(self) -> dict:
         """JSON-ready form."""
-        return asdict(self)
+        return {**asdict(self), "data": self.data.to_dict()}
 
     @classmethod
     def from_dict(cls, data: dict) -> RunSpec:
-        """Inverse of to_dict."""
+        """Inverse of to_dict; reads the GLUE task, data_dir and hub_dataset that states from before data sources
+        hold instead of a source."""
+        data = dict(data)
+        if "task" in data:
+            data["data"] = GlueSource(data.pop("task"), data.pop("data_dir", None), data.pop("hub_dataset", None))
+        else:
+            data["data"] = source_from_dict(data["data"])
         return cls(**{**data, "args": TrainingArguments(**data["args"]), "heads": ExitHeadConfig(**data["heads"])})
 
 
@@ -238,6 +247,13 @@ def training_accelerator(device: str, precision: str) -> Accelerator:
             raise DeviceError(f"--device {device} names one GPU, but {processes} processes each train on their own; "
                               "use --device cuda")
         torch.cuda.set_device(chosen)
+    state = AcceleratorState._shared_state  # set up by an earlier Accelerator of this process, if any
+    if state and (state["_mixed_precision"] != MIXED_PRECISION[precision] or state["device"].type != chosen.type):
+        # Accelerate keeps one process-wide state; a single process may start another run with other settings
+        # (a notebook, the test suite), several processes of one run cannot
+        if processes > 1:
+            raise DeviceError("this distributed run was set up for another device or precision")
+        AcceleratorState._reset_state(reset_partial_state=True)
     return Accelerator(cpu=chosen.type == "cpu", mixed_precision=MIXED_PRECISION[precision])
 
 
@@ -277,8 +293,8 @@ class Trainer:
 
     def __init__(self, model: EarlyExitModel, args: TrainingArguments, task: TaskSpec,
                  train: list[EncodedExample], dev: list[EncodedExample], calibration: list[EncodedExample],
-                 run: RunSpec | None = None):
-        self.model, self.args, self.task, self.run = model, args, task, run
+                 run: RunSpec | None = None, dev_split: str = "dev"):
+        self.model, self.args, self.task, self.run, self.dev_split = model, args, task, run, dev_split
         self.train_examples, self.dev, self.calibration = train, dev, calibration
         self.recipe = RECIPES[args.recipe]
         self.accelerator = training_accelerator(args.device, args.precision)
@@ -464,9 +480,14 @@ class Trainer:
         if not self.accelerator.is_main_process:
             return
         config = self.model.config
+        splits = {"train": self.train_examples, "calibration": self.calibration, "dev": self.dev}
         config.training = {**self.args.to_dict(), "train_examples": len(self.train_examples),
                            "calibration_examples": len(self.calibration), "dev_examples": len(self.dev),
+                           "dev_split": self.dev_split,
+                           "class_counts": {s: self.task.class_counts(e.label for e in es) for s, es in splits.items()},
                            "history": [{k: v for k, v in h.items() if k != "layer_metrics"} for h in self.history]}
+        if self.run is not None:
+            config.training["data"] = self.run.data.to_dict()
         if calibrate_policies:
             dev = collect_layer_outputs(self.model, self.dev, self.args.eval_batch_size, self.args.progress)
             config.training["layer_metrics"] = layer_metrics(dev, self.task)
@@ -493,23 +514,27 @@ class Trainer:
                                f"{describe_choice(config.policy_selection)}")
 
 
-def train(task_name: str, backbone: str, args: TrainingArguments, data_dir: str | None = None,
+def train(data: DataSource | str, backbone: str, args: TrainingArguments, data_dir: str | None = None,
           hub_dataset: str | None = None, heads: ExitHeadConfig | None = None) -> TrainResult:
-    """The whole job: read the task's data, build the model on a backbone, train, calibrate, save."""
+    """The whole job: read the data, build the model on a backbone, train, calibrate, save.
+
+    data: where the examples come from (GlueSource, FileSource, DatasetSource), or a GLUE task name, read from
+    data_dir or hub_dataset.
+    """
     if state_path(args.output_dir).exists():
         raise CheckpointError(
             f"{args.output_dir} holds the training state of an unfinished run: continue it with `de3bert train "
             f"--resume {args.output_dir}` (de3bert.training.resume), or delete {state_path(args.output_dir).parent}")
-    return _run(RunSpec(task_name, backbone, args, data_dir, hub_dataset, heads or ExitHeadConfig()))
+    return _run(RunSpec(as_source(data, data_dir, hub_dataset), backbone, args, heads or ExitHeadConfig()))
 
 
 def resume(output_dir: str | Path, data_dir: str | None = None, progress: bool | None = None,
            device: str | None = None) -> TrainResult:
     """Continue a stopped run from <output_dir>/training_state, with the arguments it was started with.
 
-    It ends with the weights the uninterrupted run would have reached. data_dir: where the task's data lies now,
-    if it moved. progress: show progress bars (None: as the run did). device: where to continue (None: where the
-    run was asked to train; another device gives the same run up to floating-point differences).
+    It ends with the weights the uninterrupted run would have reached. data_dir: where a GLUE task's data lies
+    now, if it moved. progress: show progress bars (None: as the run did). device: where to continue (None: where
+    the run was asked to train; another device gives the same run up to floating-point differences).
     """
     state = load_training_state(output_dir)
     if not state.run:
@@ -522,32 +547,36 @@ def resume(output_dir: str | Path, data_dir: str | None = None, progress: bool |
     args = replace(run.args, output_dir=str(output_dir), progress=run.args.progress if progress is None else progress,
                    device=run.args.device if device is None else device)
     process_state(args.device).print(f"resuming the run in {output_dir} after optimizer step {state.global_step}")
-    return _run(replace(run, args=args, data_dir=data_dir or run.data_dir), state)
+    return _run(replace(run, args=args, data=with_location(run.data, data_dir, None)), state)
 
 
 def _run(run: RunSpec, state: TrainingState | None = None) -> TrainResult:
-    """Read the task's data, build the model, and train it from the start or from `state`."""
+    """Read the run's data, build the model, and train it from the start or from `state`."""
     args = run.args
     processes = process_state(args.device)
-    task, train_examples = load_split(run.task, "train", run.data_dir, run.hub_dataset)
-    _, dev_examples = load_split(run.task, "dev", run.data_dir, run.hub_dataset)
-    if args.max_train_samples:
-        train_examples = subsample(train_examples, args.max_train_samples, args.seed)
-    calibration_examples, train_examples = split_off(train_examples, args.calibration_fraction, args.seed)
+    data = load_run_data(run.data, args.max_train_samples, args.validation_fraction, args.calibration_fraction,
+                         args.seed)
+    task = data.task
     heads = run.heads if RECIPES[args.recipe].prototypes else replace(run.heads, prototype_dim=0)
     seed_everything(args.seed)
-    model = EarlyExitModel.from_backbone(run.backbone, task.name, list(task.labels), heads, args.max_length)
+    model = EarlyExitModel.from_backbone(run.backbone, task.name, list(task.labels), heads, args.max_length,
+                                         list(task.label_names))
     encoded = {}
-    for split, examples in (("train", train_examples), ("calibration", calibration_examples), ("dev", dev_examples)):
+    for split, examples in (("train", data.train), ("calibration", data.calibration), ("dev", data.dev)):
         encoded[split] = encode_examples(model.tokenizer, examples, args.max_length)
         truncated = sum(e.truncated for e in encoded[split])
         if truncated:
             processes.print(f"note: {truncated} of {len(examples)} {split} inputs were longer than {args.max_length} "
                             "tokens and were truncated")
+    held_out = ("" if data.dev_split == "dev"
+                else f" (held out from train{'' if task.is_regression else ', stratified by class'})")
     processes.print(
-        f"task {task.name}: {len(train_examples)} training, {len(calibration_examples)} calibration, "
-        f"{len(dev_examples)} dev examples; backbone {run.backbone} ({model.num_layers} layers); recipe {args.recipe}"
+        f"task {task.name}: {len(data.train)} training, {len(data.calibration)} calibration, "
+        f"{len(data.dev)} {data.dev_split}{held_out} examples; "
+        + (f"{task.num_labels} classes; " if task.num_labels > 2 else "")
+        + f"backbone {run.backbone} ({model.num_layers} layers); recipe {args.recipe}"
         + (f"; {processes.num_processes} processes, {args.batch_size} examples per step in all"
            if processes.num_processes > 1 else ""))
-    trainer = Trainer(model, args, task, encoded["train"], encoded["dev"], encoded["calibration"], run)
+    trainer = Trainer(model, args, task, encoded["train"], encoded["dev"], encoded["calibration"], run,
+                      data.dev_split)
     return trainer.train(state)

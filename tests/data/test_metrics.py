@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from de3bert.data import compute_metrics, get_task, main_metric
+from de3bert.data import compute_metrics, get_task, main_metric, user_task
 from de3bert.errors import DataError
 
 
@@ -44,3 +44,11 @@ def test_length_mismatch_and_missing_main_metric():
         compute_metrics(get_task("rte"), [0, 1], [0, 1, 1])
     with pytest.raises(DataError, match="main metric 'f1'"):
         main_metric(get_task("qqp"), {"accuracy": 0.5})
+
+
+def test_accuracy_and_macro_f1_of_a_users_task():
+    # class 0: f1 1; class 1: tp 1, fp 1, fn 0 -> 2/3; class 2: tp 0, fn 1 -> 0; macro (1 + 2/3 + 0) / 3
+    task = user_task("tickets", ("a", "b", "c"))
+    metrics = compute_metrics(task, [0, 0, 1, 1], [0, 0, 1, 2])
+    assert metrics == {"accuracy": 0.75, "macro_f1": pytest.approx(5 / 9)}
+    assert main_metric(task, metrics) == 0.75

@@ -326,3 +326,42 @@ def test_real_glue_dev_files(task, rows):
         assert min(e.label for e in examples) == 0.0 and max(e.label for e in examples) == 5.0
     else:
         assert {e.label for e in examples} == set(range(spec.num_labels))
+
+
+@pytest.mark.parametrize("name, content, problem", [
+    ("t.csv", "text\tlabel\nhi\t1\n", "line 1 (header) is one column holding tabs: the file looks separated by tabs, "
+                                      "but a .csv file is read as separated by commas; name it .tsv"),
+    ("t.tsv", "text,label\nhi,1\n", "holding commas: the file looks separated by commas, but a .tsv file is read as "
+                                    "separated by tabs; name it .csv"),
+    ("t.csv", "text;label\nhi;1\n", "holding semicolons: the file looks separated by semicolons, but a .csv file is "
+                                    "read as separated by commas; save it separated by commas (.csv) or tabs (.tsv)"),
+])
+def test_read_table_names_a_wrong_delimiter(tmp_path, name, content, problem):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(DataError) as err:
+        read_table(path, "text")
+    assert str(err.value).startswith(f"{path}: line 1 (header) is one column") and str(err.value).endswith(problem)
+
+
+def test_read_table_takes_labels_as_values_or_names(tmp_path):
+    path = tmp_path / "eval.csv"
+    path.write_text("sentence,label\ngood,positive\nbad,0\n")
+    names = ("negative", "positive")
+    assert read_table(path, "sentence", labels=("0", "1"), label_names=names)[0] == [
+        Example("good", None, 1), Example("bad", None, 0)]
+    path.write_text("sentence,label\ngood,positive\nso so,meh\n")
+    with pytest.raises(DataError, match=r"eval.csv: line 3: label 'meh' is not one of 0, 1 nor their names negative, "
+                                        r"positive \(the model's labels\)"):
+        read_table(path, "sentence", labels=("0", "1"), label_names=names, labels_from="the model's labels")
+
+
+def test_stratified_split_holds_out_the_fraction_of_every_class():
+    examples = [Example(f"t{i}", None, 0 if i < 10 else 1) for i in range(40)]
+    held, rest = split_off(examples, 0.1, seed=0, stratified=True)
+    assert sorted(e.label for e in held) == [0, 1, 1, 1] and len(rest) == 36
+    assert split_off(examples, 0.1, seed=0, stratified=True) == (held, rest)
+    small = [Example(f"t{i}", None, i % 3) for i in range(6)]  # every class too small for 10 %: one in all
+    assert len(split_off(small, 0.1, seed=0, stratified=True)[0]) == 1
+    with pytest.raises(DataError, match="cannot hold out 0.5 of 3 examples"):
+        split_off(small[:3], 0.5, seed=0, stratified=True)  # one example per class: none can go

@@ -1,6 +1,6 @@
 import pytest
 
-from de3bert.data import GLUE_TASKS, get_task
+from de3bert.data import GLUE_TASKS, TaskSpec, default_label_names, get_task, user_task
 from de3bert.errors import DataError
 
 
@@ -36,3 +36,23 @@ def test_metrics_and_splits():
 
 def test_task_spec_is_hashable():
     assert len({get_task("rte"), get_task("RTE")}) == 1
+
+
+def test_glue_label_names():
+    names = {t.name: t.label_names for t in GLUE_TASKS.values()}
+    assert names == {"cola": ("unacceptable", "acceptable"), "sst2": ("negative", "positive"),
+                     "mrpc": ("not_equivalent", "equivalent"), "stsb": (), "qqp": ("not_duplicate", "duplicate"),
+                     "mnli": ("contradiction", "entailment", "neutral"), "qnli": ("entailment", "not_entailment"),
+                     "rte": ("entailment", "not_entailment"), "wnli": ("not_entailment", "entailment")}
+
+
+def test_user_tasks_and_names_of_old_checkpoints():
+    tickets = user_task("tickets", ("billing", "bug", "login"))
+    assert tickets.label_names == tickets.labels and (tickets.metric, tickets.main_metric) == ("accuracy_macro_f1",
+                                                                                                "accuracy")
+    assert user_task("scores", ()).main_metric == "pearson" and user_task("scores", ()).is_regression
+    assert tickets.class_counts([0, 2, 2]) == {"billing": 1, "bug": 0, "login": 2}
+    assert default_label_names("SST-2", ("0", "1")) == ("negative", "positive")
+    assert default_label_names("sst2", ("a", "b")) == ("a", "b") and default_label_names("tiny", ("x",)) == ("x",)
+    with pytest.raises(DataError, match="task t: 1 label names for 2 labels"):
+        TaskSpec("t", ("a", "b"), "accuracy", "accuracy", ("a",))

@@ -1,4 +1,5 @@
-"""GLUE metrics: accuracy, F1 with accuracy, Matthews correlation, Pearson/Spearman correlation."""
+"""Task metrics: accuracy (with macro-F1 for users' tasks), F1 with accuracy, Matthews correlation,
+Pearson/Spearman correlation."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def _correlation(function, predictions: np.ndarray, references: np.ndarray) -> f
 
 def compute_metrics(task: TaskSpec, predictions: Sequence[int | float],
                     references: Sequence[int | float]) -> dict[str, float]:
-    """The task's GLUE metrics (fractions, not percentages) for class indices or regression scores."""
+    """The task's metrics (fractions, not percentages) for class indices or regression scores."""
     if len(predictions) != len(references):
         raise DataError(f"task {task.name}: {len(predictions)} predictions for {len(references)} references")
     if not len(references):
@@ -34,6 +35,9 @@ def compute_metrics(task: TaskSpec, predictions: Sequence[int | float],
     accuracy = float(accuracy_score(ref, pred))
     if task.metric == "f1_accuracy":
         return {"f1": float(f1_score(ref, pred, pos_label=1, zero_division=0.0)), "accuracy": accuracy}
+    if task.metric == "accuracy_macro_f1":
+        # macro: every class counts alike, however rare (an average over the classes present in either)
+        return {"accuracy": accuracy, "macro_f1": float(f1_score(ref, pred, average="macro", zero_division=0.0))}
     if task.metric == "mcc":
         return {"mcc": float(matthews_corrcoef(ref, pred))}
     return {"accuracy": accuracy}

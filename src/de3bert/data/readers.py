@@ -1,4 +1,4 @@
-"""Reading examples: GLUE TSVs in the official layout, users' own tables, and Hugging Face hub datasets."""
+"""Reading examples: GLUE TSVs in the official layout, users' own tables, and Hugging Face `datasets`."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import json
 import math
 import os
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-from de3bert.data.tasks import Example, TaskSpec, get_task
+from de3bert.data.tasks import Example, GlueTask, get_task
 from de3bert.errors import DataError
 
 GLUE_DOWNLOAD_HINT = ("get the data with the GLUE download script (download_glue_data.py) into a folder and pass "
@@ -62,7 +62,7 @@ def _text(value: object, column: str, where: str) -> str:
     return value
 
 
-def read_glue_split(task: TaskSpec, split: str, data_dir: Path) -> list[Example]:
+def read_glue_split(task: GlueTask, split: str, data_dir: Path) -> list[Example]:
     """Read one split of a GLUE task from `<data_dir>/<task.folder>/<file>`, quoting disabled as in the GLUE code."""
     if split not in task.splits:
         raise DataError(f"task {task.name} has no split {split!r}; its splits are {', '.join(task.splits)}")
@@ -103,7 +103,7 @@ def read_glue_split(task: TaskSpec, split: str, data_dir: Path) -> list[Example]
     return examples
 
 
-def resolve_glue_dir(data_dir: str | Path | None, task: TaskSpec) -> Path:
+def resolve_glue_dir(data_dir: str | Path | None, task: GlueTask) -> Path:
     """`data_dir` if given, else the first of $GLUE_DIR and ../shared/data/glue (from the working directory)
     that holds the task. An explicit `data_dir` is never silently replaced by another folder."""
     if data_dir is not None:
@@ -118,6 +118,20 @@ def resolve_glue_dir(data_dir: str | Path | None, task: TaskSpec) -> Path:
     unset = "" if data_dir is not None or os.environ.get("GLUE_DIR") else " ($GLUE_DIR is not set)"
     raise DataError(f"GLUE task {task.name} not found; looked for folder {task.folder} in: {looked}{unset}. "
                     f"To fix: {GLUE_DOWNLOAD_HINT}")
+
+
+DELIMITERS = {"\t": "tabs", ",": "commas", ";": "semicolons", "|": "vertical bars"}
+
+
+def _check_delimiter(header: str, delimiter: str, where: str) -> None:
+    """Refuse a one-column header that holds another delimiter: the file is separated by something else."""
+    for other, name in DELIMITERS.items():
+        if other != delimiter and other in header:
+            fix = {"\t": "name it .tsv", ",": "name it .csv"}.get(
+                other, "save it separated by commas (.csv) or tabs (.tsv)")
+            raise DataError(f"{where}: line 1 (header) is one column holding {name}: the file looks separated by "
+                            f"{name}, but a {Path(where).suffix.lower()} file is read as separated by "
+                            f"{DELIMITERS[delimiter]}; {fix}")
 
 
 def _table_rows(path: Path, where: str) -> Iterator[tuple[int, dict[str, object]]]:
@@ -137,10 +151,13 @@ def _table_rows(path: Path, where: str) -> Iterator[tuple[int, dict[str, object]
                 raise DataError(f"{where}: line {number} is not a JSON object")
             yield number, row
         return
-    reader = csv.reader((line for _, line in _lines(path, where)), delimiter="\t" if suffix == ".tsv" else ",")
+    delimiter = "\t" if suffix == ".tsv" else ","
+    reader = csv.reader((line for _, line in _lines(path, where)), delimiter=delimiter)
     header = next(reader, None)
     if header is None:
         raise DataError(f"{where}: file is empty, expected a header row")
+    if len(header) == 1:
+        _check_delimiter(header[0], delimiter, where)
     try:
         for fields in reader:
             if not fields:
@@ -152,21 +169,38 @@ def _table_rows(path: Path, where: str) -> Iterator[tuple[int, dict[str, object]
         raise DataError(f"{where}: line {reader.line_num} is not valid {suffix[1:].upper()} ({err})") from None
 
 
-def read_table(path: str | Path, text_column: str, text_pair_column: str | None = None,
-               label_column: str | None = "label",
-               labels: tuple[str, ...] | None = None) -> tuple[list[Example], tuple[str, ...]]:
-    """Read a user's .csv, .tsv or .jsonl file with named columns; returns the examples and the label tuple used.
+def _sorted_labels(values: Iterable[str]) -> tuple[str, ...]:
+    """Label values in sorted order; numerically when all are integers ("2" before "10")."""
+    values = set(values)
+    try:
+        return tuple(sorted(values, key=int))
+    except ValueError:
+        return tuple(sorted(values))
 
-    `labels=None` takes the sorted unique label strings found; `labels=()` makes it a regression task (labels must
-    be finite numbers). `label_column=None` reads a file to predict on: every example gets label -1, and the
-    returned labels are `labels or ()`.
+
+def _user_label_index(value: str, labels: tuple[str, ...], names: tuple[str, ...], labels_from: str, at: str) -> int:
+    if value in labels:
+        return labels.index(value)
+    if value in names:
+        return names.index(value)
+    known = ", ".join(labels) + ("" if names in ((), labels) else f" nor their names {', '.join(names)}")
+    raise DataError(f"{at}: label {value!r} is not one of {known} ({labels_from})")
+
+
+def read_rows(rows: Iterable[tuple[str, dict[str, object]]], where: str, text_column: str,
+              text_pair_column: str | None = None, label_column: str | None = "label",
+              labels: tuple[str, ...] | None = None, label_names: tuple[str, ...] = (),
+              labels_from: str = "the labels given") -> tuple[list[Example], tuple[str, ...]]:
+    """Examples from rows with named columns, each row given with where it is (e.g. "train.csv: line 3").
+
+    `labels=None` takes the sorted unique label values found (numerically sorted when all are integers);
+    `labels=()` makes it a regression task (labels must be finite numbers). A label may also be written as its
+    name in `label_names`; `labels_from` says in errors where the labels came from. `label_column=None` reads
+    inputs to predict on: every example gets label -1, and the returned labels are `labels or ()`.
     """
-    path = Path(path)
-    where = str(path)
     wanted = [c for c in (text_column, text_pair_column, label_column) if c is not None]
-    rows: list[tuple[int, str, str | None, str | None]] = []
-    for number, row in _table_rows(path, where):
-        at = f"{where}: line {number}"
+    parsed: list[tuple[str, str, str | None, str | None]] = []
+    for at, row in rows:
         missing = [c for c in wanted if c not in row]
         if missing:
             raise DataError(f"{at} has no column {', '.join(map(repr, missing))}; "
@@ -178,20 +212,70 @@ def read_table(path: str | Path, text_column: str, text_pair_column: str | None 
             if value is None or value == "":
                 raise DataError(f"{at}: label column {label_column!r} is empty")
             label = value if isinstance(value, str) else json.dumps(value)
-        rows.append((number, _text(row[text_column], text_column, at), text_b, label))
-    if not rows:
+        parsed.append((at, _text(row[text_column], text_column, at), text_b, label))
+    if not parsed:
         raise DataError(f"{where}: has no rows")
     if label_column is None:
-        return [Example(a, b, -1) for _, a, b, _ in rows], labels or ()
+        return [Example(a, b, -1) for _, a, b, _ in parsed], labels or ()
     if labels is None:
-        labels = tuple(sorted({label for *_, label in rows}))
-    regression = labels == ()
-    return [Example(a, b, _score(label, f"{where}: line {number}") if regression
-                    else _label_index(label, labels, f"{where}: line {number}"))
-            for number, a, b, label in rows], labels
+        labels = _sorted_labels(label for *_, label in parsed)
+    if not labels:
+        return [Example(a, b, _score(label, at)) for at, a, b, label in parsed], labels
+    return [Example(a, b, _user_label_index(label, labels, label_names, labels_from, at))
+            for at, a, b, label in parsed], labels
 
 
-def _hub_split(task: TaskSpec, split: str) -> str:
+def read_table(path: str | Path, text_column: str, text_pair_column: str | None = None,
+               label_column: str | None = "label", labels: tuple[str, ...] | None = None,
+               label_names: tuple[str, ...] = (),
+               labels_from: str = "the labels given") -> tuple[list[Example], tuple[str, ...]]:
+    """Read a user's .csv, .tsv or .jsonl file with named columns; returns the examples and the label tuple used
+    (the label options as in `read_rows`)."""
+    where = str(path)
+    rows = ((f"{where}: line {number}", row) for number, row in _table_rows(Path(path), where))
+    return read_rows(rows, where, text_column, text_pair_column, label_column, labels, label_names, labels_from)
+
+
+def load_dataset_splits(dataset_id: str, config: str | None = None, split: str | None = None):
+    """A `datasets` dataset — a hub id, or a local folder of data files — as all its splits (a DatasetDict),
+    or one split; needs the `datasets` package."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"reading {dataset_id} with the Hugging Face `datasets` library needs the package: "
+                        "pip install datasets") from None
+    what = dataset_id + (f" (config {config})" if config else "") + (f" split {split}" if split else "")
+    try:
+        return datasets.load_dataset(dataset_id, config, split=split)
+    except Exception as err:  # network, unknown id, config or split: all surface as one actionable error
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise DataError(f"could not load {what}: {reason}") from err
+
+
+def read_dataset(dataset, where: str, text_column: str, text_pair_column: str | None = None,
+                 label_column: str = "label", labels: tuple[str, ...] | None = None,
+                 labels_from: str = "the labels given") -> tuple[list[Example], tuple[str, ...]]:
+    """Examples of one split of a `datasets` dataset, columns and labels as in `read_rows`. A class-label column
+    reads as its class names, and without `labels` the task takes the dataset's class order."""
+    names = getattr(dataset.features.get(label_column), "names", None)
+
+    def rows() -> Iterator[tuple[str, dict[str, object]]]:
+        for index, row in enumerate(dataset):
+            at = f"{where}: row {index}"
+            if names is not None and label_column in row:
+                value = row[label_column]
+                if not isinstance(value, int) or not 0 <= value < len(names):
+                    raise DataError(f"{at}: label {value!r} is not a class id from 0 to {len(names) - 1} "
+                                    "(an unlabelled split?)")
+                row = {**row, label_column: names[value]}
+            yield at, row
+
+    if labels is None and names is not None:
+        labels = tuple(names)
+    return read_rows(rows(), where, text_column, text_pair_column, label_column, labels, (), labels_from)
+
+
+def _hub_split(task: GlueTask, split: str) -> str:
     if split not in task.splits:
         raise DataError(f"task {task.name} has no split {split!r}; its splits are {', '.join(task.splits)}")
     if split == "train":
@@ -200,27 +284,18 @@ def _hub_split(task: TaskSpec, split: str) -> str:
     return "validation" + task.splits[split].removeprefix("dev").removesuffix(".tsv")
 
 
-def read_hub_split(dataset_id: str, task: TaskSpec, split: str) -> list[Example]:
+def read_hub_split(dataset_id: str, task: GlueTask, split: str) -> list[Example]:
     """Read one split of a task from a Hugging Face hub dataset laid out like `nyu-mll/glue` (needs `datasets`)."""
     hub_split = _hub_split(task, split)
-    try:
-        import datasets
-    except ImportError:
-        raise DataError(f"reading {dataset_id} from the Hugging Face hub needs the `datasets` package: "
-                        "pip install datasets") from None
     where = f"{dataset_id} ({task.name}, split {hub_split})"
-    try:
-        dataset = datasets.load_dataset(dataset_id, task.name, split=hub_split)
-    except Exception as err:  # network, unknown id or config: all surface as one actionable error
-        raise DataError(f"could not load {where} from the hub: {err}") from err
+    dataset = load_dataset_splits(dataset_id, task.name, hub_split)
     text_a_column, text_b_column = task.hub_columns
     missing = [c for c in (text_a_column, text_b_column, "label") if c is not None and c not in dataset.column_names]
     if missing:
         raise DataError(f"{where} has no column {', '.join(missing)}; it has {', '.join(dataset.column_names)}")
-    # Map hub class ids to ours by name where the names agree (MNLI orders them differently); GLUE's binary
-    # tasks name their classes (e.g. negative/positive) where the files write 0/1, in the same order.
+    # Map hub class ids to ours by name (MNLI orders them differently from the files).
     names = getattr(dataset.features["label"], "names", None) or []
-    order = ([task.labels.index(n) for n in names] if names and set(names) <= set(task.labels)
+    order = ([task.label_names.index(n) for n in names] if names and set(names) <= set(task.label_names)
              else list(range(task.num_labels)))
     examples = []
     for index, row in enumerate(dataset):
@@ -238,7 +313,7 @@ def read_hub_split(dataset_id: str, task: TaskSpec, split: str) -> list[Example]
 
 
 def load_split(task_name: str, split: str, data_dir: str | Path | None = None,
-               hub_dataset: str | None = None) -> tuple[TaskSpec, list[Example]]:
+               hub_dataset: str | None = None) -> tuple[GlueTask, list[Example]]:
     """The task and its examples of one split, from the hub if `hub_dataset` is given, else from GLUE TSVs."""
     task = get_task(task_name)
     if hub_dataset is not None:
@@ -256,15 +331,29 @@ def subsample(examples: Sequence[Example], n: int, seed: int) -> list[Example]:
     return [examples[i] for i in keep]
 
 
-def split_off(examples: Sequence[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
-    """Split into (held out, rest) with round(fraction * len) held out (at least one if fraction > 0)."""
+def split_off(examples: Sequence[Example], fraction: float, seed: int,
+              stratified: bool = False) -> tuple[list[Example], list[Example]]:
+    """Split into (held out, rest): round(fraction * len) held out at random, or, `stratified`, round(fraction *
+    size) of every class (half up, never a class's last example); at least one if fraction > 0."""
     if not 0.0 <= fraction < 1.0:
         raise DataError(f"held-out fraction must lie in [0, 1), got {fraction}")
     if fraction == 0.0:
         return [], list(examples)
-    count = max(1, round(fraction * len(examples)))
-    if count >= len(examples):
+    rng = random.Random(seed)
+    if stratified:
+        classes: dict[int | float, list[int]] = {}
+        for index, example in enumerate(examples):
+            classes.setdefault(example.label, []).append(index)
+        members = [classes[label] for label in sorted(classes)]
+        counts = [min(len(m) - 1, math.floor(fraction * len(m) + 0.5)) for m in members]
+        if not any(counts):  # every class too small for its share: one example of the largest one
+            largest = max(range(len(members)), key=lambda k: len(members[k]))
+            counts[largest] = min(1, len(members[largest]) - 1)
+        held = {i for m, count in zip(members, counts) for i in rng.sample(m, count)}
+    else:
+        count = max(1, round(fraction * len(examples)))
+        held = set(rng.sample(range(len(examples)), count)) if count < len(examples) else set()
+    if not held or len(held) >= len(examples):
         raise DataError(f"cannot hold out {fraction:g} of {len(examples)} examples and keep any for training")
-    held = set(random.Random(seed).sample(range(len(examples)), count))
     return ([e for i, e in enumerate(examples) if i in held],
             [e for i, e in enumerate(examples) if i not in held])
