@@ -227,7 +227,7 @@ def criteria_for(model: EarlyExitModel) -> tuple[str, ...]:
     """The exit criteria a model supports (prototype criteria need prototype heads)."""
     if model.config.is_regression:
         return ("regression-patience",)
-    if model.heads[0].has_prototypes:
+    if model.has_prototypes:
         return CLASSIFICATION_CRITERIA
     return tuple(c for c in CLASSIFICATION_CRITERIA if c not in ("edr", "dr"))
 

@@ -20,6 +20,7 @@ from de3bert.errors import CheckpointError
 from de3bert.heads import DISTANCES, POOLINGS, ExitHead, HeadOutput
 from de3bert.model_card import write_model_card
 from de3bert.prototypes import PROTOTYPE_KINDS
+from de3bert.runners import TorchRunner
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
@@ -146,6 +147,16 @@ class EarlyExitModel(nn.Module):
     def num_layers(self) -> int:
         """Number of layers M (= number of exits)."""
         return self.backbone.num_layers
+
+    @property
+    def has_prototypes(self) -> bool:
+        """Whether the internal exit heads carry prototypical networks (the prototype criteria read them)."""
+        return self.heads[0].has_prototypes
+
+    @property
+    def runner(self) -> TorchRunner:
+        """The engine's runner for this model: PyTorch, in eval mode."""
+        return TorchRunner(self)
 
     @classmethod
     def from_backbone(
