@@ -19,3 +19,8 @@ class PolicyError(De3bertError):
 
 class BackboneError(De3bertError):
     """A backbone could not be found, assembled or driven layer by layer."""
+
+
+class ExportError(De3bertError):
+    """A model cannot be exported to ONNX or run on ONNX Runtime (unsupported model, graphs that disagree with
+    PyTorch, ONNX Runtime not installed)."""

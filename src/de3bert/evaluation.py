@@ -11,10 +11,11 @@ import math
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from sklearn.metrics import roc_auc_score
+from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -26,6 +27,9 @@ from de3bert.model_card import write_model_card
 from de3bert.modeling import EarlyExitModel
 from de3bert.plots import plot_tradeoff
 from de3bert.policies import CRITERIA, ExitPolicy, simulate_exits, speedup_ratio
+
+if TYPE_CHECKING:
+    from de3bert.onnx_model import OnnxEarlyExitModel
 
 T = TypeVar("T")
 CLASSIFICATION_CRITERIA = ("edr", "entropy", "confidence", "dr", "patience", "pcee")
@@ -66,18 +70,22 @@ class LayerOutputs:
 
 @torch.no_grad()
 def collect_layer_outputs(
-    model: EarlyExitModel, examples: list[EncodedExample], batch_size: int = 64, progress: bool = False
+    model: EarlyExitModel | OnnxEarlyExitModel, examples: list[EncodedExample], batch_size: int = 64,
+    progress: bool = False
 ) -> LayerOutputs:
     """Run every exit head over encoded examples (no early stopping) and gather the outputs."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
+    on_torch = isinstance(model, nn.Module)  # an ONNX export has no training mode and runs on the CPU
+    was_training = on_torch and model.training
+    if on_torch:
+        model.eval()
+    device = next(model.parameters()).device if on_torch else torch.device("cpu")
     loader = DataLoader(examples, batch_size=batch_size, collate_fn=Collator(model.tokenizer))
     parts = []
     for batch in tqdm(loader, desc="evaluating", disable=not progress, leave=False):
         labels = batch.pop("labels")
         parts.append(LayerOutputs.from_layers(model(**{k: v.to(device) for k, v in batch.items()}).layers, labels))
-    model.train(was_training)
+    if on_torch:
+        model.train(was_training)
     return LayerOutputs(torch.cat([p.logits for p in parts], 1),
                         None if parts[0].distances is None else torch.cat([p.distances for p in parts], 1),
                         torch.cat([p.labels for p in parts]))
@@ -223,7 +231,7 @@ def indicator_auroc(criterion: str, outputs: LayerOutputs, lam: float = 1.0) -> 
     return scores
 
 
-def criteria_for(model: EarlyExitModel) -> tuple[str, ...]:
+def criteria_for(model: EarlyExitModel | OnnxEarlyExitModel) -> tuple[str, ...]:
     """The exit criteria a model supports (prototype criteria need prototype heads)."""
     if model.config.is_regression:
         return ("regression-patience",)

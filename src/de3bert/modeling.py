@@ -263,7 +263,7 @@ class EarlyExitModel(nn.Module):
         weights = directory / WEIGHTS_NAME
         if not weights.exists():
             raise CheckpointError(f"checkpoint {directory} has no {WEIGHTS_NAME}")
-        model = cls(config, backbone_from_config(config.backbone), _load_tokenizer(directory))
+        model = cls(config, backbone_from_config(config.backbone), load_tokenizer(directory))
         try:
             state = load_file(weights)
         except Exception as exc:  # safetensors raises its own error types for corrupt files
@@ -309,7 +309,8 @@ def read_config(directory: Path) -> EarlyExitConfig:
         raise CheckpointError(f"{path} has an unexpected de3bert section: {exc}") from exc
 
 
-def _load_tokenizer(directory: Path) -> PreTrainedTokenizerBase:
+def load_tokenizer(directory: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer saved in a checkpoint (or export) folder."""
     try:
         return AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError) as exc:
