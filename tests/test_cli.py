@@ -45,11 +45,30 @@ def test_predict_file_writes_predictions_in_order(tiny_checkpoint, tmp_path):
     assert all({"label", "probabilities", "exit_layer", "indicator"} <= set(r) for r in rows)
 
 
+def test_export_then_predict_on_onnx_runtime(tiny_checkpoint, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    output = tmp_path / "onnx"
+    assert main(["export", str(tiny_checkpoint), "--output", str(output)]) == 0
+    assert f"de3bert serve {output}" in capsys.readouterr().out
+    assert main(["predict", str(output), "--text", "the film was good great"]) == 0
+    on_onnx = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["predict", str(tiny_checkpoint), "--text", "the film was good great"]) == 0
+    on_torch = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert on_onnx["label"] == on_torch["label"] and on_onnx["exit_layer"] == on_torch["exit_layer"]
+    assert on_onnx["indicator"] == pytest.approx(on_torch["indicator"], abs=1e-5)
+    assert main(["predict", str(output), "--runtime", "torch", "--text", "x"]) == 2
+    assert "is an ONNX export, not a PyTorch checkpoint: run it with --runtime onnx" in capsys.readouterr().err
+    assert main(["predict", str(tiny_checkpoint), "--runtime", "onnx", "--text", "x"]) == 2
+    assert "is a PyTorch checkpoint, not an ONNX export" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["train", "--task", "nosuchtask", "--output", "x"], "unknown task"),
     (["evaluate", "/nonexistent/checkpoint"], "does not exist"),
     (["predict", "/nonexistent/checkpoint", "--text", "hi"], "does not exist"),
     (["serve", "/nonexistent/checkpoint"], "does not exist"),
+    (["export", "/nonexistent/checkpoint", "--output", "x"], "does not exist"),
+    (["bench", "/nonexistent/checkpoint", "--runtime", "onnx"], "does not exist"),
     (["serve", "/nonexistent/checkpoint", "--max-batch-size", "0"], "max_batch_size must be at least 1"),
     (["train", "--task", "sst2"], "give --task and --output (or --resume dir"),
     (["train", "--resume", "/nonexistent/run"], "holds no training state"),
