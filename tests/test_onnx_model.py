@@ -139,7 +139,7 @@ def test_policies_read_the_indicators_the_graphs_computed(models):
     hidden = exported.runner.embed(batch["input_ids"], None)
     context = exported.runner.context(hidden, batch["attention_mask"])
     _, output = exported.runner.run_layer(0, hidden, batch["attention_mask"], context, ExitPolicy("edr", lam=2.0))
-    assert set(output.indicators) == {"prediction", "entropy", "confidence", "dr", "edr"}
+    assert set(output.indicators) == {"prediction", "edr"}  # what the policy reads, of all the graph computes
     # without them, the policy computes its own from logits and distances
     recomputed = ExitPolicy("edr", lam=2.0).indicator(HeadOutput(output.logits, output.distances), None)[0]
     assert torch.allclose(output.indicators["edr"], recomputed, atol=1e-6)

@@ -255,8 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint", help="checkpoint folder written by `de3bert train`")
     export.add_argument("--output", required=True, help="folder to write the graphs, config and tokenizer to")
     export.add_argument("--quantize", choices=["int8"],
-                        help="dynamic int8 quantization of the layer and head graphs (its accuracy is measured on "
-                             "the task's dev split)")
+                        help="dynamic int8 quantization of the graphs (its accuracy is measured on the task's dev "
+                             "split)")
     export.add_argument("--measure", action="store_true",
                         help="measure every exit's dev metric in PyTorch and on the graphs (always with --quantize)")
     export.add_argument("--data-dir", help=DATA_HELP)

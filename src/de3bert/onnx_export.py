@@ -13,6 +13,7 @@ of the torch.export-based exporter and of ONNX Runtime's fused Attention operato
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import warnings
@@ -177,7 +178,11 @@ def export_graph(spec: GraphSpec, folder: Path, quantize: str | None, check: dic
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
             target.rename(traced)
-            quantize_dynamic(traced, target, weight_type=QuantType.QInt8, per_channel=True)
+            logging.disable(logging.WARNING)  # it advises pre-processing: shape inference and optimization, done above
+            try:
+                quantize_dynamic(traced, target, weight_type=QuantType.QInt8, per_channel=True)
+            finally:
+                logging.disable(logging.NOTSET)
     except ExportError:
         raise
     except Exception as exc:  # the tracer and ONNX Runtime raise many types; name the graph
@@ -226,7 +231,8 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, quantize: str 
                       measure: bool = False, data_dir: str | None = None) -> OnnxExportInfo:
     """Write the ONNX export of a checkpoint to `output` (atomically) and return what it holds.
 
-    quantize: None (float32) or "int8" (dynamic quantization of the layer and head graphs).
+    quantize: None (float32) or "int8": ONNX Runtime's dynamic quantization of every graph (what it quantizes:
+    the matrix products of the layers and the embedding tables; the heads' dense layers stay float32).
     measure: also measure every exit's dev metric in PyTorch and on the graphs, on the checkpoint task's dev
     split (data_dir, else $GLUE_DIR, else ../shared/data/glue).
     """
@@ -246,8 +252,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, quantize: str 
     staging.mkdir(parents=True)
     try:
         for spec in graph_specs(model, example_batch(model.backbone.config, 2, 8, 0)):
-            quantized = quantize if spec.name.startswith(("layer_", "head_")) else None  # embeddings stay float32
-            info.validation[spec.name] = export_graph(spec, staging, quantized, checks[spec.name])
+            info.validation[spec.name] = export_graph(spec, staging, quantize, checks[spec.name])
         model.tokenizer.save_pretrained(staging)
         if measure:
             _write_config(model, info, staging)

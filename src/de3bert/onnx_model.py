@@ -28,7 +28,7 @@ from transformers import PreTrainedTokenizerBase
 from de3bert.errors import CheckpointError, ExportError
 from de3bert.heads import HeadOutput
 from de3bert.modeling import CONFIG_NAME, EarlyExitConfig, EarlyExitOutput, load_tokenizer, read_config
-from de3bert.policies import INDICATORS, ExitPolicy
+from de3bert.policies import CRITERION_INDICATORS, ExitPolicy
 
 EXPORT_SECTION = "onnx"
 EXPORT_FORMAT_VERSION = 1
@@ -76,7 +76,7 @@ class OnnxExportInfo:
     """The "onnx" section of an exported folder's config.json."""
 
     quantization: str | None = None
-    """None: float32 graphs; "int8": layers and heads dynamically quantized to int8."""
+    """None: float32 graphs; "int8": every graph dynamically quantized (ONNX Runtime's quantize_dynamic)."""
     opset: int = 17
     """ONNX opset of the graphs."""
     source: dict = field(default_factory=dict)
@@ -104,12 +104,16 @@ class OrtContext:
 
 
 def _array(tensor: torch.Tensor, dtype: type) -> np.ndarray:
-    """A contiguous CPU numpy view (a copy only where dtype or layout require one) of a tensor."""
-    return np.ascontiguousarray(tensor.detach().cpu().numpy(), dtype=dtype)
+    """A contiguous CPU numpy view of a tensor (a copy only where dtype or layout require one)."""
+    return np.ascontiguousarray(tensor.cpu().numpy(), dtype=dtype)
 
 
 class OrtRunner:
-    """Runs an exported folder's graphs on ONNX Runtime for the engine (tensors on the CPU)."""
+    """Runs an exported folder's graphs on ONNX Runtime for the engine (tensors on the CPU).
+
+    A head graph computes every indicator; only the outputs the policy reads are fetched from it, so the
+    HeadOutput holds what the PyTorch runner's would (distances only for a policy that reads prototypes).
+    """
 
     def __init__(self, embeddings, context, layers: list, heads: list):
         self.embeddings, self.context_graph, self.layers, self.heads = embeddings, context, layers, heads
@@ -131,9 +135,17 @@ class OrtRunner:
         outputs = self.context_graph.run(None, {"attention_mask": mask})
         return OrtContext(mask, outputs[0], outputs[1] if len(outputs) > 1 else None)
 
+    def fetched(self, index: int, policy: ExitPolicy) -> list[str]:
+        """The outputs of head graph ``index`` that a policy reads: logits, prediction, its indicator and, for a
+        prototype criterion, the distances where the head has them."""
+        wanted = ["logits", "prediction", CRITERION_INDICATORS.get(policy.criterion)]
+        if policy.needs_prototypes:
+            wanted.append("distances")
+        return [name for name in wanted if name in self.head_outputs[index]]
+
     def run_layer(self, index: int, hidden: torch.Tensor, attention_mask: torch.Tensor, context: OrtContext,
                   policy: ExitPolicy | None) -> tuple[torch.Tensor, HeadOutput | None]:
-        """Layer graph ``index`` and, for a policy, its head graph, which also computes every indicator."""
+        """Layer graph ``index`` and, for a policy, its head graph, which also computes the indicators."""
         feed = {"hidden": _array(hidden, np.float32), "attention_bias": context.attention_bias}
         if context.position_bias is not None:
             feed["position_bias"] = context.position_bias
@@ -141,11 +153,11 @@ class OrtRunner:
         if policy is None:
             return torch.from_numpy(hidden), None
         feed = {"hidden": hidden, "attention_mask": context.attention_mask, "lam": np.array(policy.lam, np.float32)}
-        inputs = self.head_inputs[index]
-        outputs = self.heads[index].run(None, {name: value for name, value in feed.items() if name in inputs})
-        values = {name: torch.from_numpy(value) for name, value in zip(self.head_outputs[index], outputs)}
-        indicators = {name: values[name] for name in ("prediction", *INDICATORS) if name in values}
-        return torch.from_numpy(hidden), HeadOutput(values["logits"], values.get("distances"), indicators)
+        inputs, names = self.head_inputs[index], self.fetched(index, policy)
+        outputs = self.heads[index].run(names, {name: value for name, value in feed.items() if name in inputs})
+        values = {name: torch.from_numpy(value) for name, value in zip(names, outputs)}
+        logits, distances = values.pop("logits"), values.pop("distances", None)
+        return torch.from_numpy(hidden), HeadOutput(logits, distances, values)
 
 
 class OnnxEarlyExitModel:

@@ -222,7 +222,7 @@ class ExitPolicy:
             return ExitStep(torch.ones_like(state.streak, dtype=torch.bool), indicator, prediction,
                             ExitState(state.streak, prediction))
         indicator, prediction = self.indicator(output, state.previous)
-        streak = torch.where(self.confident(indicator), state.streak + 1, torch.zeros_like(state.streak))
+        streak = (state.streak + 1) * self.confident(indicator)  # +1 where confident, else back to 0
         exits = streak >= self.patience
         if is_last:
             exits = torch.ones_like(exits)
