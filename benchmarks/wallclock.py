@@ -46,15 +46,16 @@ def checkpoint(backbone: str, task: str, data_dir: str | None) -> Path:
     return folder
 
 
-def exported(source: Path, name: str, quantize: str | None) -> Path:
-    """The checkpoint's ONNX export (float32 or int8), cached under results/cache/ until the checkpoint changes."""
+def exported(source: Path, name: str, quantize: str | None, data_dir: str | None) -> Path:
+    """The checkpoint's ONNX export (float32, or int8 with the dev metric of every exit measured), cached under
+    results/cache/ until the checkpoint changes."""
     folder = RESULTS / "cache" / f"{name}-onnx{'-' + quantize if quantize else ''}"
     try:
         current = read_export_info(folder).source.get("weights_sha256") == weights_digest(source)
     except (CheckpointError, OSError):
         current = False
     if not current:
-        export_checkpoint(source, folder, quantize)
+        export_checkpoint(source, folder, quantize, measure=quantize is not None, data_dir=data_dir)
     return folder
 
 
@@ -113,7 +114,8 @@ def main() -> None:
             source = Path(given.get(task) or checkpoint(backbone, task, args.data_dir))
             for precision in precisions:
                 quantize = None if precision == "float32" else precision
-                report = run_benchmark(exported(source, f"{backbone}-{task}", quantize), task, args.data_dir,
+                folder = exported(source, f"{backbone}-{task}", quantize, args.data_dir)
+                report = run_benchmark(folder, task, args.data_dir,
                                        BenchSettings(latency_inputs=args.latency_inputs, repeats=args.repeats,
                                                      throughput_inputs=args.throughput_inputs, threads=args.threads))
                 name = f"{backbone}-{task}" + (f"-{quantize}" if quantize else "")

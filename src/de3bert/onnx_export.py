@@ -82,21 +82,25 @@ class LayerGraph(nn.Module):
 
 
 class HeadGraph(nn.Module):
-    """Exit head ``index`` with every indicator a policy reads (λ of EDR is an input)."""
+    """Exit head ``index`` — with its prototypical network or without — and every indicator a policy reads
+    from it (λ of EDR is an input)."""
 
-    def __init__(self, model: EarlyExitModel, index: int):
+    def __init__(self, model: EarlyExitModel, index: int, with_prototypes: bool):
         super().__init__()
         self.head = model.heads[index]
+        self.with_prototypes = with_prototypes
 
-    def outputs(self, hidden: torch.Tensor, attention_mask: torch.Tensor, lam: torch.Tensor) -> dict[str, torch.Tensor]:
+    def outputs(self, hidden: torch.Tensor, attention_mask: torch.Tensor,
+                lam: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The head's outputs by name: logits, distances (with prototypes), prediction and indicators."""
-        output = self.head(hidden, attention_mask, with_prototypes=True)
+        output = self.head(hidden, attention_mask, with_prototypes=self.with_prototypes)
         named = {"logits": output.logits}
         if output.distances is not None:
             named["distances"] = output.distances
         return named | head_indicators(output.logits, output.distances, lam)
 
-    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor, lam: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor,
+                lam: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """The outputs in the order of `outputs`."""
         return tuple(self.outputs(hidden, attention_mask, lam).values())
 
@@ -139,17 +143,20 @@ def graph_specs(model: EarlyExitModel, batch: dict[str, torch.Tensor]) -> list[G
              GraphSpec(graph_name("context"), context, {"attention_mask": batch["attention_mask"]}, context_outputs,
                        {"attention_mask": tokens, "attention_bias": {0: "batch", 3: "tokens"},
                         "position_bias": {0: "batch", 2: "tokens", 3: "tokens"}})]
-    lam = torch.tensor(1.0)
     for index in range(model.num_layers):
-        layer, head = LayerGraph(model, index).eval(), HeadGraph(model, index).eval()
+        layer = LayerGraph(model, index).eval()
         layer_inputs = {"hidden": hidden, **dict(zip(context_outputs, biases))}
         specs.append(GraphSpec(graph_name("layer", index), layer, layer_inputs, ["layer_output"],
                                {"hidden": tokens, "layer_output": tokens, **specs[1].axes}))
         hidden = layer(**layer_inputs)
-        head_inputs = {"hidden": hidden, "attention_mask": batch["attention_mask"], "lam": lam}
-        names = list(head.outputs(**head_inputs))
-        specs.append(GraphSpec(graph_name("head", index), head, head_inputs, names,
-                               {"hidden": tokens, "attention_mask": tokens} | dict.fromkeys(names, positions)))
+        head_inputs = {"hidden": hidden, "attention_mask": batch["attention_mask"]}
+        heads = [("head", HeadGraph(model, index, False).eval(), head_inputs)]
+        if model.heads[index].has_prototypes:
+            heads.append(("prototype_head", HeadGraph(model, index, True).eval(), head_inputs | {"lam": torch.tensor(1.0)}))
+        for piece, head, inputs in heads:
+            names = list(head.outputs(**inputs))
+            specs.append(GraphSpec(graph_name(piece, index), head, inputs, names,
+                                   {"hidden": tokens, "attention_mask": tokens} | dict.fromkeys(names, positions)))
     return specs
 
 

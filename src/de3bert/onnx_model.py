@@ -11,7 +11,9 @@ them instead of running a dozen small PyTorch operations per layer.
     embeddings.onnx   input_ids (B, T) [, token_type_ids]  -> hidden (B, T, H)
     context.onnx      attention_mask (B, T)                -> attention_bias (B, 1, 1, T) [, position_bias]
     layer_NN.onnx     hidden, attention_bias [, position_bias] -> layer_output  (one per layer, NN from 01)
-    head_NN.onnx      hidden, attention_mask, lam          -> logits [, distances], prediction, indicators
+    head_NN.onnx      hidden, attention_mask               -> logits, prediction, entropy, confidence
+    prototype_head_NN.onnx  hidden, attention_mask, lam    -> logits, distances, prediction, entropy, confidence,
+                      dr, edr   (the head with its prototypical network, where the layer has one)
 """
 
 from __future__ import annotations
@@ -82,7 +84,7 @@ class OnnxExportInfo:
     source: dict = field(default_factory=dict)
     """The checkpoint exported: its folder (absolute) and the SHA-256 of its weights."""
     validation: dict[str, float] = field(default_factory=dict)
-    """Largest |ONNX Runtime − PyTorch| over each graph's outputs, measured at export."""
+    """Every graph of the folder: its largest |ONNX Runtime − PyTorch| over its outputs, measured at export."""
     exit_metrics: list[dict] = field(default_factory=list)
     """Per exit: dev metric of the checkpoint in PyTorch and of the exported graphs (measured when quantizing)."""
     versions: dict[str, str] = field(default_factory=dict)
@@ -108,26 +110,37 @@ def _array(tensor: torch.Tensor, dtype: type) -> np.ndarray:
     return np.ascontiguousarray(tensor.cpu().numpy(), dtype=dtype)
 
 
+class Graph:
+    """An ONNX Runtime session with the names of its inputs and outputs."""
+
+    def __init__(self, session):
+        self.session = session
+        self.inputs = {i.name for i in session.get_inputs()}
+        self.outputs = [o.name for o in session.get_outputs()]
+
+    def run(self, outputs: list[str] | None, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """The named outputs (None: all) for a feed, of which the graph takes the inputs it has."""
+        return self.session.run(outputs, {name: value for name, value in feed.items() if name in self.inputs})
+
+
 class OrtRunner:
     """Runs an exported folder's graphs on ONNX Runtime for the engine (tensors on the CPU).
 
-    A head graph computes every indicator; only the outputs the policy reads are fetched from it, so the
-    HeadOutput holds what the PyTorch runner's would (distances only for a policy that reads prototypes).
+    Head graphs compute the indicators next to the head; a policy that reads prototypes runs the head graph with
+    the prototypical network (where the layer has one), any other the head graph without it, and only the outputs
+    the policy reads are fetched: the HeadOutput holds what the PyTorch runner's would.
     """
 
-    def __init__(self, embeddings, context, layers: list, heads: list):
-        self.embeddings, self.context_graph, self.layers, self.heads = embeddings, context, layers, heads
-        self.embedding_inputs = {i.name for i in embeddings.get_inputs()}
-        self.head_inputs = [{i.name for i in head.get_inputs()} for head in heads]
-        self.head_outputs = [[o.name for o in head.get_outputs()] for head in heads]
+    def __init__(self, embeddings: Graph, context: Graph, layers: list[Graph], heads: list[Graph],
+                 prototype_heads: list[Graph | None]):
+        self.embeddings, self.context_graph, self.layers = embeddings, context, layers
+        self.heads, self.prototype_heads = heads, prototype_heads
 
     def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
         """Embedding output (B, T, H) for token ids."""
-        feed = {"input_ids": _array(input_ids, np.int64)}
-        if "token_type_ids" in self.embedding_inputs:
-            feed["token_type_ids"] = (np.zeros_like(feed["input_ids"]) if token_type_ids is None
-                                      else _array(token_type_ids, np.int64))
-        return torch.from_numpy(self.embeddings.run(None, feed)[0])
+        ids = _array(input_ids, np.int64)
+        types = np.zeros_like(ids) if token_type_ids is None else _array(token_type_ids, np.int64)
+        return torch.from_numpy(self.embeddings.run(None, {"input_ids": ids, "token_type_ids": types})[0])
 
     def context(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> OrtContext:
         """The chunk's attention bias (and MPNet's position bias), computed once for all its layers."""
@@ -135,27 +148,20 @@ class OrtRunner:
         outputs = self.context_graph.run(None, {"attention_mask": mask})
         return OrtContext(mask, outputs[0], outputs[1] if len(outputs) > 1 else None)
 
-    def fetched(self, index: int, policy: ExitPolicy) -> list[str]:
-        """The outputs of head graph ``index`` that a policy reads: logits, prediction, its indicator and, for a
-        prototype criterion, the distances where the head has them."""
-        wanted = ["logits", "prediction", CRITERION_INDICATORS.get(policy.criterion)]
-        if policy.needs_prototypes:
-            wanted.append("distances")
-        return [name for name in wanted if name in self.head_outputs[index]]
-
     def run_layer(self, index: int, hidden: torch.Tensor, attention_mask: torch.Tensor, context: OrtContext,
                   policy: ExitPolicy | None) -> tuple[torch.Tensor, HeadOutput | None]:
-        """Layer graph ``index`` and, for a policy, its head graph, which also computes the indicators."""
-        feed = {"hidden": _array(hidden, np.float32), "attention_bias": context.attention_bias}
-        if context.position_bias is not None:
-            feed["position_bias"] = context.position_bias
+        """Layer graph ``index`` and, for a policy, the head graph it reads."""
+        feed = {"hidden": _array(hidden, np.float32), "attention_bias": context.attention_bias,
+                "position_bias": context.position_bias}
         hidden = self.layers[index].run(None, feed)[0]
         if policy is None:
             return torch.from_numpy(hidden), None
+        prototype_head = self.prototype_heads[index] if policy.needs_prototypes else None
+        head = prototype_head or self.heads[index]  # the last layer has no prototypical network
+        wanted = ("logits", "distances", "prediction", CRITERION_INDICATORS.get(policy.criterion))
+        names = [name for name in wanted if name in head.outputs]
         feed = {"hidden": hidden, "attention_mask": context.attention_mask, "lam": np.array(policy.lam, np.float32)}
-        inputs, names = self.head_inputs[index], self.fetched(index, policy)
-        outputs = self.heads[index].run(names, {name: value for name, value in feed.items() if name in inputs})
-        values = {name: torch.from_numpy(value) for name, value in zip(names, outputs)}
+        values = dict(zip(names, map(torch.from_numpy, head.run(names, feed))))
         logits, distances = values.pop("logits"), values.pop("distances", None)
         return torch.from_numpy(hidden), HeadOutput(logits, distances, values)
 
@@ -178,8 +184,8 @@ class OnnxEarlyExitModel:
 
     @property
     def has_prototypes(self) -> bool:
-        """Whether the internal exit heads carry prototypical networks (their graphs output distances)."""
-        return "distances" in self.runner.head_outputs[0]
+        """Whether the internal exit heads carry prototypical networks (the prototype criteria read them)."""
+        return self.runner.prototype_heads[0] is not None
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  token_type_ids: torch.Tensor | None = None) -> EarlyExitOutput:
@@ -199,15 +205,15 @@ class OnnxEarlyExitModel:
         directory = Path(directory)
         config = read_config(directory)
         export = read_export_info(directory)
-        num_layers = config.backbone["num_hidden_layers"]
-        paths = [directory / graph_name("embeddings"), directory / graph_name("context"),
-                 *(directory / graph_name(piece, i) for piece in ("layer", "head") for i in range(num_layers))]
-        missing = [path.name for path in paths if not path.exists()]
+        missing = [name for name in export.validation if not (directory / name).exists()]
         if missing:
             raise CheckpointError(f"exported folder {directory} lacks {', '.join(missing[:3])}"
                                   f"{' and more' if len(missing) > 3 else ''}; export the checkpoint again")
-        sessions = [inference_session(path, threads) for path in paths]
-        runner = OrtRunner(sessions[0], sessions[1], sessions[2:2 + num_layers], sessions[2 + num_layers:])
+        graphs = {name: Graph(inference_session(directory / name, threads)) for name in export.validation}
+        layers = range(config.backbone["num_hidden_layers"])
+        runner = OrtRunner(graphs[graph_name("embeddings")], graphs[graph_name("context")],
+                           [graphs[graph_name("layer", i)] for i in layers], [graphs[graph_name("head", i)] for i in layers],
+                           [graphs.get(graph_name("prototype_head", i)) for i in layers])
         return cls(config, export, runner, load_tokenizer(directory), directory)
 
 
