@@ -53,6 +53,8 @@ class Prediction:
 
 def _trim_padding(hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Drop trailing columns that are padding for every row."""
+    if mask[:, -1].any():  # the common case (a single input, the longest row of a chunk): nothing to drop
+        return hidden, mask
     used = mask.any(0).nonzero()
     length = int(used.max()) + 1 if used.numel() else mask.shape[1]
     if length == mask.shape[1]:
