@@ -31,8 +31,8 @@ from de3bert.data import encode_examples, load_split, main_metric
 from de3bert.errors import ExportError
 from de3bert.evaluation import collect_layer_outputs, evaluate_policy, layer_metrics
 from de3bert.modeling import CONFIG_NAME, EarlyExitModel
-from de3bert.onnx_model import (EXPORT_SECTION, QUANTIZATIONS, OnnxEarlyExitModel, OnnxExportInfo, graph_name,
-                                inference_session, onnxruntime)
+from de3bert.onnx_model import (EXPORT_SECTION, QUANTIZATIONS, Graph, OnnxEarlyExitModel, OnnxExportInfo,
+                                graph_name, inference_session, onnxruntime)
 from de3bert.policies import ExitPolicy, head_indicators
 from de3bert.runtimes import weights_digest
 
@@ -139,7 +139,8 @@ def graph_specs(model: EarlyExitModel, batch: dict[str, torch.Tensor]) -> list[G
     context = ContextGraph(model).eval()
     biases = context(batch["attention_mask"])
     context_outputs = ["attention_bias", "position_bias"][:len(biases)]
-    specs = [GraphSpec(graph_name("embeddings"), embeddings, embed_inputs, ["hidden"], dict.fromkeys([*embed_inputs, "hidden"], tokens)),
+    specs = [GraphSpec(graph_name("embeddings"), embeddings, embed_inputs, ["hidden"],
+                       dict.fromkeys([*embed_inputs, "hidden"], tokens)),
              GraphSpec(graph_name("context"), context, {"attention_mask": batch["attention_mask"]}, context_outputs,
                        {"attention_mask": tokens, "attention_bias": {0: "batch", 3: "tokens"},
                         "position_bias": {0: "batch", 2: "tokens", 3: "tokens"}})]
@@ -152,7 +153,8 @@ def graph_specs(model: EarlyExitModel, batch: dict[str, torch.Tensor]) -> list[G
         head_inputs = {"hidden": hidden, "attention_mask": batch["attention_mask"]}
         heads = [("head", HeadGraph(model, index, False).eval(), head_inputs)]
         if model.heads[index].has_prototypes:
-            heads.append(("prototype_head", HeadGraph(model, index, True).eval(), head_inputs | {"lam": torch.tensor(1.0)}))
+            heads.append(("prototype_head", HeadGraph(model, index, True).eval(),
+                          head_inputs | {"lam": torch.tensor(1.0)}))
         for piece, head, inputs in heads:
             names = list(head.outputs(**inputs))
             specs.append(GraphSpec(graph_name(piece, index), head, inputs, names,
@@ -190,8 +192,6 @@ def export_graph(spec: GraphSpec, folder: Path, quantize: str | None, check: dic
                 quantize_dynamic(traced, target, weight_type=QuantType.QInt8, per_channel=True)
             finally:
                 logging.disable(logging.NOTSET)
-    except ExportError:
-        raise
     except Exception as exc:  # the tracer and ONNX Runtime raise many types; name the graph
         raise ExportError(f"graph {spec.name} could not be exported: {str(exc).splitlines()[0]}") from exc
     finally:
@@ -205,17 +205,15 @@ def export_graph(spec: GraphSpec, folder: Path, quantize: str | None, check: dic
 
 def max_difference(spec: GraphSpec, path: Path, inputs: dict[str, torch.Tensor]) -> float:
     """Largest |ONNX Runtime − PyTorch| over a graph's float outputs, relative to their scale (at least 1)."""
-    session = inference_session(path)
-    names = {i.name for i in session.get_inputs()}
-    feed = {k: v.numpy() for k, v in inputs.items() if k in names}
     with torch.no_grad():
         expected = spec.module(**inputs)
     expected = expected if isinstance(expected, tuple) else (expected,)
+    outputs = Graph(inference_session(path)).run(spec.outputs, {name: value.numpy() for name, value in inputs.items()})
     worst = 0.0
-    for reference, actual in zip(expected, session.run(spec.outputs, feed)):
+    for reference, output in zip(expected, outputs):
         if reference.is_floating_point():
             scale = max(1.0, float(reference.abs().max()))
-            worst = max(worst, float((torch.from_numpy(actual) - reference).abs().max()) / scale)
+            worst = max(worst, float((torch.from_numpy(output) - reference).abs().max()) / scale)
     return worst
 
 
