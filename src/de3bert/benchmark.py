@@ -41,7 +41,8 @@ from de3bert.engine import EarlyExitEngine
 from de3bert.errors import CheckpointError
 from de3bert.evaluation import calibrate, collect_layer_outputs
 from de3bert.modeling import WEIGHTS_NAME, EarlyExitModel
-from de3bert.onnx_model import OnnxEarlyExitModel
+from de3bert.onnx_export import GraphSpec, example_batch, export_graph
+from de3bert.onnx_model import Graph, OnnxEarlyExitModel, inference_session
 from de3bert.policies import CRITERIA, ExitPolicy, speedup_ratio
 from de3bert.runtimes import folder_runtime, load_model, weights_digest
 
@@ -106,12 +107,9 @@ class PlainGraph(nn.Module):
         return self.plain(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).logits
 
 
-def plain_onnx_session(model: EarlyExitModel, folder: Path, quantize: str | None, threads: int):
-    """The plain model exported whole to ONNX — traced, optimized, quantized and validated like our graphs — as
-    an ONNX Runtime session with the benchmark's threads."""
-    from de3bert.onnx_export import GraphSpec, example_batch, export_graph
-    from de3bert.onnx_model import inference_session
-
+def plain_onnx_graph(model: EarlyExitModel, folder: Path, quantize: str | None, threads: int) -> Graph:
+    """The plain model exported whole to ONNX — traced, optimized, quantized and validated like our graphs — on
+    ONNX Runtime with the benchmark's threads."""
     plain = plain_hf_model(model)
     plain.set_attn_implementation("eager")  # as our graphs: the form that runs fastest on ONNX Runtime
     names = ["input_ids", "attention_mask"] + (["token_type_ids"] if model.backbone.config.model_type != "mpnet" else [])
@@ -119,7 +117,7 @@ def plain_onnx_session(model: EarlyExitModel, folder: Path, quantize: str | None
     spec = GraphSpec("plain.onnx", PlainGraph(plain).eval(), {n: traced[n] for n in names}, ["logits"],
                      dict.fromkeys(names, {0: "batch", 1: "tokens"}) | {"logits": {0: "batch"}})
     export_graph(spec, folder, quantize, {n: check[n] for n in names})
-    return inference_session(folder / spec.name, threads)
+    return Graph(inference_session(folder / spec.name, threads))
 
 
 def head_flops_fraction(model: EarlyExitModel, seq_len: int) -> float:
@@ -175,15 +173,13 @@ def _plain_systems(model: EarlyExitModel, exported: OnnxEarlyExitModel | None, t
         for quantize in dict.fromkeys([None, exported.export.quantization]):
             folder = Path(scratch) / (quantize or "float32")
             folder.mkdir()
-            session = plain_onnx_session(model, folder, quantize, threads)
-            inputs = [i.name for i in session.get_inputs()]
-            runtime = onnx_runtime_name(quantize)
-            systems.append(System(f"plain {runtime}", runtime, lambda whole, chunks, session=session, inputs=inputs: [
-                session.run(None, {name: chunk[name].numpy() for name in inputs}) for chunk in chunks]))
+            graph, runtime = plain_onnx_graph(model, folder, quantize, threads), _ort_label(quantize)
+            systems.append(System(f"plain {runtime}", runtime, lambda whole, chunks, graph=graph: [
+                graph.run(None, {name: value.numpy() for name, value in chunk.items()}) for chunk in chunks]))
     return systems
 
 
-def onnx_runtime_name(quantization: str | None) -> str:
+def _ort_label(quantization: str | None) -> str:
     """How rows name ONNX Runtime with a quantization ("ORT", "ORT int8")."""
     return "ORT" if quantization is None else f"ORT {quantization}"
 
@@ -208,7 +204,7 @@ def run_benchmark(folder: str | Path, task_name: str | None = None, data_dir: st
         policies[f"{criterion} @ {target:g}x"] = calibrate(criterion, outputs, task, target, lam=lam)
     engines = {"PyTorch": EarlyExitEngine(model, policies["full depth"])}
     if exported is not None:
-        engines[onnx_runtime_name(exported.export.quantization)] = EarlyExitEngine(exported, policies["full depth"])
+        engines[_ort_label(exported.export.quantization)] = EarlyExitEngine(exported, policies["full depth"])
     plains = _plain_systems(model, exported, settings.threads)
     systems = plains + [s for name, engine in engines.items()
                         for s in _our_systems(name, engine, policies, settings.batch_size)]
