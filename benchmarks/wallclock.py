@@ -1,14 +1,20 @@
-"""Wall-clock study (issue: real early exit): plain HF vs our full depth vs the engine at 1.5x/2x/3x.
+"""Wall-clock study: what the user gains against what they would otherwise deploy.
 
-Trains the needed checkpoints once (cached under results/cache/), then times every system side by
-side for each (backbone, task) pair and writes results/wallclock/<backbone>-<task>.json and .png
-plus results/wallclock/summary.json and the markdown table results/wallclock/table.md.
+For each (backbone, task) it trains the DE³ checkpoint once (cached under results/cache/), exports it
+to ONNX (cached beside it, again whenever the checkpoint changed), and times side by side, in one
+interleaved run with the same thread count: the plain model on PyTorch and on ONNX Runtime, and our
+engine on PyTorch and on ONNX Runtime — at full depth, computing every head without exiting, and at
+calibrated layer speed-ups of 1.5x/2x/3x — at batch 1, in batches of 32 and in pools of 256. With
+--quantize int8 the int8 export is timed too, in a run of its own (plain ONNX Runtime int8 as the
+reference, each row with its accuracy). Writes results/wallclock/<backbone>-<task>[-int8].json and
+.png, results/wallclock/summary.json and the markdown tables results/wallclock/table.md.
 
     .venv/bin/python benchmarks/wallclock.py                       # MiniLM-L6 on SST-2 and RTE
-    .venv/bin/python benchmarks/wallclock.py --backbones minilm-l6 mpnet-base
     .venv/bin/python benchmarks/wallclock.py --checkpoint sst2=runs/demo-sst2 --checkpoint rte=runs/rte-de3
+    .venv/bin/python benchmarks/wallclock.py --backbones mpnet-base --tasks sst2 --checkpoint sst2=runs/mpnet-sst2 \\
+        --latency-inputs 100 --throughput-inputs 300 --quantize int8
 
-A run replaces the rows of the (backbone, task) pairs it times in summary.json and keeps the others.
+A run replaces the rows of the (backbone, task, precision) triples it times in summary.json and keeps the others.
 """
 
 from __future__ import annotations
@@ -18,6 +24,10 @@ import json
 from pathlib import Path
 
 from de3bert.benchmark import BenchSettings, plot_benchmark, run_benchmark
+from de3bert.errors import CheckpointError
+from de3bert.onnx_export import export_checkpoint
+from de3bert.onnx_model import read_export_info
+from de3bert.runtimes import weights_digest
 from de3bert.training import TrainingArguments, train
 
 RESULTS = Path("results")
@@ -36,27 +46,43 @@ def checkpoint(backbone: str, task: str, data_dir: str | None) -> Path:
     return folder
 
 
+def exported(source: Path, name: str, quantize: str | None, data_dir: str | None) -> Path:
+    """The checkpoint's ONNX export (float32, or int8 with the dev metric of every exit measured), cached under
+    results/cache/ until the checkpoint changes."""
+    folder = RESULTS / "cache" / f"{name}-onnx{'-' + quantize if quantize else ''}"
+    try:
+        current = read_export_info(folder).source.get("weights_sha256") == weights_digest(source)
+    except (CheckpointError, OSError):
+        current = False
+    if not current:
+        export_checkpoint(source, folder, quantize, measure=quantize is not None, data_dir=data_dir)
+    return folder
+
+
 def _ratio(row: dict, mode: str) -> str:
     """'wall (layer, wall/layer)' for one mode, or just the wall-clock speed-up for systems without exits."""
     wall = row[f"wallclock_speedup_{mode}"]
-    layer = row.get(f"layer_speedup_{mode}")
+    layer = row.get(f"layer_speedup_{mode if mode != 'pooled' else 'batched'}")
     if layer is None or layer == 1.0:
         return f"{wall:.2f}x"
     return f"{wall:.2f}x ({layer:.2f}x, {wall / layer:.2f})"
 
 
 def markdown_table(summary: list[dict]) -> str:
-    """Per (backbone, task): latency and wall-clock speed-ups next to layer speed-ups, every system."""
+    """Per (backbone, task, precision): latency and wall-clock speed-ups over the reference next to layer speed-ups."""
     lines = []
-    for backbone, task in dict.fromkeys((r["backbone"], r["task"]) for r in summary):
-        lines += [f"\n**{backbone} / {task}** — wall-clock speed-up over plain HF (layer speed-up, wall/layer)\n",
-                  "| system | p50 ms | p95 ms | batch 1 | batch 32 | pools of 256 |", "|---|---|---|---|---|---|"]
-        for row in (r for r in summary if (r["backbone"], r["task"]) == (backbone, task)):
-            pooled = row.get("layer_speedup_batched")
-            pooled = "" if pooled is None or pooled == 1.0 else f" ({pooled:.2f}x, {row['wallclock_speedup_pooled'] / pooled:.2f})"
+    for backbone, task, precision in dict.fromkeys((r["backbone"], r["task"], r["precision"]) for r in summary):
+        rows = [r for r in summary if (r["backbone"], r["task"], r["precision"]) == (backbone, task, precision)]
+        reference = rows[0]["reference"]
+        lines += [f"\n**{backbone} / {task} ({precision})** — wall-clock speed-up over {reference} "
+                  "(layer speed-up, wall/layer); last columns: batch-1 speed-up over plain PyTorch, metric\n",
+                  "| system | p50 ms | p95 ms | batch 1 | batch 32 | pools of 256 | vs PyTorch | metric |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for row in rows:
+            metric = f"{row['metric']:.3f}" if "metric" in row else ""
             lines.append(f"| {row['system']} | {row['latency_p50_ms']:.1f} | {row['latency_p95_ms']:.1f} | "
-                         f"{_ratio(row, 'batch1')} | {_ratio(row, 'batched')} | "
-                         f"{row['wallclock_speedup_pooled']:.2f}x{pooled} |")
+                         f"{_ratio(row, 'batch1')} | {_ratio(row, 'batched')} | {_ratio(row, 'pooled')} | "
+                         f"{row['speedup_vs_plain_PyTorch_batch1']:.2f}x | {metric} |")
     return "\n".join(lines) + "\n"
 
 
@@ -67,6 +93,8 @@ def main() -> None:
     parser.add_argument("--latency-inputs", type=int, default=200, help="inputs timed one at a time")
     parser.add_argument("--throughput-inputs", type=int, help="dev inputs timed in batches (default: all)")
     parser.add_argument("--repeats", type=int, default=3, help="repeated passes (medians)")
+    parser.add_argument("--threads", type=int, default=2, help="threads of every system")
+    parser.add_argument("--quantize", choices=["int8"], help="also time the int8 export, in a run of its own")
     parser.add_argument("--checkpoint", action="append", default=[], metavar="TASK=DIR",
                         help="time this already trained checkpoint for TASK instead of training one")
     parser.add_argument("--data-dir", help="GLUE folder (default: $GLUE_DIR, else ../shared/data/glue)")
@@ -74,22 +102,29 @@ def main() -> None:
     given = dict(item.split("=", 1) for item in args.checkpoint)
     out = RESULTS / "wallclock"
     out.mkdir(parents=True, exist_ok=True)
-    measured = {(b, t) for b in args.backbones for t in args.tasks}
-    # rows of (backbone, task) pairs timed by earlier runs stay; each pair's systems are always timed together
+    precisions = ["float32"] + ([args.quantize] if args.quantize else [])
+    measured = {(b, t, p) for b in args.backbones for t in args.tasks for p in precisions}
+    # rows of triples timed by earlier runs stay (rows from before the ONNX Runtime systems do not); each triple's
+    # systems are always timed together
     previous = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else []
-    summary = [row for row in previous if (row["backbone"], row["task"]) not in measured]
+    summary = [row for row in previous
+               if "precision" in row and (row["backbone"], row["task"], row["precision"]) not in measured]
     for backbone in args.backbones:
         for task in args.tasks:
-            folder = given.get(task) or checkpoint(backbone, task, args.data_dir)
-            report = run_benchmark(folder, task, args.data_dir,
-                                   BenchSettings(latency_inputs=args.latency_inputs, repeats=args.repeats,
-                                                 throughput_inputs=args.throughput_inputs))
-            name = f"{backbone}-{task}"
-            (out / f"{name}.json").write_text(json.dumps(report, indent=2))
-            plot_benchmark(report, out / f"{name}.png")
-            for row in report["rows"]:
-                summary.append({"backbone": backbone, "task": task, **{k: v for k, v in row.items() if k != "policy"}})
-                print(json.dumps(summary[-1]))
+            source = Path(given.get(task) or checkpoint(backbone, task, args.data_dir))
+            for precision in precisions:
+                quantize = None if precision == "float32" else precision
+                folder = exported(source, f"{backbone}-{task}", quantize, args.data_dir)
+                report = run_benchmark(folder, task, args.data_dir,
+                                       BenchSettings(latency_inputs=args.latency_inputs, repeats=args.repeats,
+                                                     throughput_inputs=args.throughput_inputs, threads=args.threads))
+                name = f"{backbone}-{task}" + (f"-{quantize}" if quantize else "")
+                (out / f"{name}.json").write_text(json.dumps(report, indent=2))
+                plot_benchmark(report, out / f"{name}.png")
+                for row in report["rows"]:
+                    summary.append({"backbone": backbone, "task": task, "precision": precision,
+                                    "reference": report["reference"], **{k: v for k, v in row.items() if k != "policy"}})
+                    print(json.dumps(summary[-1]))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "table.md").write_text(markdown_table(summary))
     print(markdown_table(summary))

@@ -142,3 +142,14 @@ def tickets_checkpoint(tmp_path_factory, tiny_backbone_dir, tickets_dir):
                  "--no-progress"])
     assert code == 0
     return output
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory, tiny_checkpoint):
+    """The tiny DE³ checkpoint exported to ONNX (float32)."""
+    pytest.importorskip("onnxruntime")
+    from de3bert.onnx_export import export_checkpoint
+
+    output = tmp_path_factory.mktemp("export") / "onnx"
+    export_checkpoint(tiny_checkpoint, output)
+    return output

@@ -49,11 +49,30 @@ def test_predict_file_writes_predictions_in_order(tiny_checkpoint, tmp_path):
     assert all({"label", "probabilities", "exit_layer", "indicator"} <= set(r) for r in rows)
 
 
+def test_export_then_predict_on_onnx_runtime(tiny_checkpoint, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    output = tmp_path / "onnx"
+    assert main(["export", str(tiny_checkpoint), "--output", str(output)]) == 0
+    assert f"de3bert serve {output}" in capsys.readouterr().out
+    assert main(["predict", str(output), "--text", "the film was good great"]) == 0
+    on_onnx = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["predict", str(tiny_checkpoint), "--text", "the film was good great"]) == 0
+    on_torch = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert on_onnx["label"] == on_torch["label"] and on_onnx["exit_layer"] == on_torch["exit_layer"]
+    assert on_onnx["indicator"] == pytest.approx(on_torch["indicator"], abs=1e-5)
+    assert main(["predict", str(output), "--runtime", "torch", "--text", "x"]) == 2
+    assert "is an ONNX export, not a PyTorch checkpoint: run it with --runtime onnx" in capsys.readouterr().err
+    assert main(["predict", str(tiny_checkpoint), "--runtime", "onnx", "--text", "x"]) == 2
+    assert "is a PyTorch checkpoint, not an ONNX export" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["train", "--task", "nosuchtask", "--output", "x"], "unknown task"),
     (["evaluate", "/nonexistent/checkpoint"], "does not exist"),
     (["predict", "/nonexistent/checkpoint", "--text", "hi"], "does not exist"),
     (["serve", "/nonexistent/checkpoint"], "does not exist"),
+    (["export", "/nonexistent/checkpoint", "--output", "x"], "does not exist"),
+    (["bench", "/nonexistent/checkpoint", "--runtime", "onnx"], "does not exist"),
     (["serve", "/nonexistent/checkpoint", "--max-batch-size", "0"], "max_batch_size must be at least 1"),
     (["train", "--task", "sst2"], "give --output and the data (--task, --train-file or --dataset)"),
     (["train", "--resume", "/nonexistent/run"], "holds no training state"),
@@ -210,3 +229,18 @@ def test_a_table_without_rows_is_its_header():
     from de3bert.cli import _table
 
     assert _table([], ["policy", "speedup"]) == "policy  speedup"  # every calibration failed (a small regression task)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the error on a machine without CUDA")
+@pytest.mark.parametrize("command", [["predict", "--text", "x"], ["bench"], ["serve"]])
+def test_every_command_that_runs_a_model_refuses_a_missing_gpu_in_one_line(tiny_checkpoint, command, capsys):
+    assert main([command[0], str(tiny_checkpoint), *command[1:], "--device", "cuda:1"]) == 2
+    assert capsys.readouterr().err.strip().endswith("device 'cuda:1' is not available: this machine has no usable "
+                                                    "CUDA GPU (torch.cuda.is_available() is False); use --device cpu")
+
+
+def test_predict_on_the_cpu_in_bf16(tiny_checkpoint, capsys):
+    assert main(["predict", str(tiny_checkpoint), "--text", "the film was good", "--device", "cpu",
+                 "--precision", "bf16"]) == 0
+    answer = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert answer["label"] in ("negative", "positive") and abs(sum(answer["probabilities"].values()) - 1) < 1e-2

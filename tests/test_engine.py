@@ -210,3 +210,12 @@ def test_engine_equals_offline_simulation_under_cpu_autocast(dtype):
             assert torch.isfinite(indicators).all() and ((indicators >= 0) & (indicators <= 1)).all(), policy
             exit_layers_seen |= set(actual.exit_layers.tolist())
     assert len(exit_layers_seen) > 1
+
+
+def test_the_engine_moves_inputs_to_the_models_device_and_answers_on_the_cpu(tokenizer):
+    model = sharpen(tiny_model(tokenizer=tokenizer))
+    batch = padded_batch(5, seed=7)
+    engine = EarlyExitEngine(model, ExitPolicy("entropy", 0.5), device="cpu")
+    result = engine.run_batch(**batch)
+    assert result.exit_layers.device.type == "cpu" and engine.runner.device.type == "cpu"
+    assert result.exit_layers.tolist() == offline(model, batch, ExitPolicy("entropy", 0.5)).exit_layers.tolist()

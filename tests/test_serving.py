@@ -18,7 +18,7 @@ from de3bert.engine import EarlyExitEngine
 from de3bert.errors import De3bertError
 from de3bert.modeling import EarlyExitModel
 from de3bert.policies import ExitPolicy
-from de3bert.serving import ServiceSettings, create_app, policy_for_speedup
+from de3bert.serving import ServiceSettings, create_app, model_version, policy_for_speedup
 from tests.conftest import TICKETS, tiny_model
 
 TEXTS = ["the film was good great", "the film was awful dull", "fine", "the film was poor ugly bad and long"]
@@ -254,6 +254,29 @@ def test_regression_model_answers_with_scores(tmp_path, tokenizer):
         assert response.status_code == 422
         assert response.json()["error"] == ("criterion 'edr' does not apply to this model; "
                                             "choose one of regression-patience, full-depth")
+
+
+def test_an_exported_folder_is_served_on_onnx_runtime(checkpoint, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from de3bert.onnx_export import export_checkpoint
+    from de3bert.onnx_model import OnnxEarlyExitModel
+
+    export_checkpoint(checkpoint, tmp_path / "onnx")
+    with TestClient(create_app(ServiceSettings(str(tmp_path / "onnx")))) as client:
+        response = predict(client, TEXTS)
+        assert response.status_code == 200, response.text
+        expected = EarlyExitEngine(OnnxEarlyExitModel.from_pretrained(tmp_path / "onnx")).predict(TEXTS)
+        assert_equal_answers(response.json()["predictions"], expected)
+        # the same answers as the PyTorch checkpoint it was exported from
+        on_torch = EarlyExitEngine(EarlyExitModel.from_pretrained(checkpoint)).predict(TEXTS)
+        assert_equal_answers(response.json()["predictions"], on_torch)
+        body = client.get("/v1/model").json()
+        assert body["num_layers"] == 4 and body["calibration"] == CALIBRATION and body["criteria"][0] == "edr"
+        assert body["model_version"] == model_version(tmp_path / "onnx") != model_version(checkpoint)
+    with pytest.raises(De3bertError, match="is an ONNX export, not a PyTorch checkpoint"):
+        create_app(ServiceSettings(str(tmp_path / "onnx"), "torch"))
+    with pytest.raises(De3bertError, match="unknown runtime 'gpu'; choose one of torch, onnx"):
+        ServiceSettings(str(checkpoint), "gpu")
 
 
 def test_settings_refuse_unusable_limits(checkpoint):

@@ -80,9 +80,13 @@ class Backbone(nn.Module):
     def context(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> LayerContext:
         """Layer context for hidden states (B, T, H) and a 0/1 padding mask (B, T)."""
         mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask)
-        if self.config.model_type == "mpnet":
-            return LayerContext(mask, self.encoder.encoder.compute_position_bias(hidden))
-        return LayerContext(mask)
+        return LayerContext(mask, self.position_bias(hidden))
+
+    def position_bias(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """MPNet's relative position bias (B, heads, T, T) for hidden states (B, T, ·); None for other types."""
+        if self.config.model_type != "mpnet":
+            return None
+        return self.encoder.encoder.compute_position_bias(hidden)
 
     def run_layer(self, index: int, hidden: torch.Tensor, context: LayerContext) -> torch.Tensor:
         """Hidden states after layer ``index`` (0-based)."""

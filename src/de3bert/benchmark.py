@@ -1,7 +1,13 @@
-"""Wall-clock benchmark: plain Hugging Face model vs our model at full depth vs the early-exit engine.
+"""Wall-clock benchmark: the plain model a user would otherwise deploy against our early-exit engine.
 
-All systems run side by side in one process on the same inputs, interleaved unit by unit so that
-machine noise hits them alike, in three modes:
+All systems run side by side in one process on the same inputs, with the same thread count,
+interleaved unit by unit so that machine noise hits them alike. On a PyTorch checkpoint the systems
+are the stock Hugging Face model of the same backbone and weights ("plain PyTorch") and our engine
+on PyTorch at full depth, computing every head without exiting, and at calibrated layer speed-ups.
+On an exported folder (`de3bert export`) the same systems also run on ONNX Runtime: the stock model
+exported whole, traced, optimized (and quantized) like our graphs ("plain ORT", the reference a user
+deploying on the CPU would pick), and our engine on the exported graphs; the PyTorch systems come
+from the checkpoint the folder was exported from. Three modes:
 
 - batch 1: one input per call (latency; the speed-up is the ratio of mean latencies, the quantity
   the layer speed-up predicts; p50/p95 are reported too);
@@ -9,16 +15,19 @@ machine noise hits them alike, in three modes:
   batch, so late layers run on the survivors only);
 - pooled: pools of `pool_size` length-sorted inputs run layer by layer in compute chunks of
   `batch_size` rows, survivors re-packed into full chunks (what `EarlyExitEngine.run_examples`,
-  `de3bert predict` and the service do). The plain model runs the same chunks.
+  `de3bert predict` and the service do). The plain models run the same chunks.
 
-Thresholds are calibrated on the benchmark inputs to target layer speed-ups, and the layer
-speed-up the engine actually achieved is reported next to the measured wall-clock speed-up.
+Thresholds are calibrated on the benchmark inputs (in PyTorch) to target layer speed-ups and used on
+both runtimes; the layer speed-up each system actually achieved is reported next to the measured
+wall-clock speed-up, and our systems' metric on the batched inputs next to both.
 """
 
 from __future__ import annotations
 
 import statistics
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,11 +36,16 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from de3bert.data import Collator, encode_examples, length_sorted_batches, load_split
+from de3bert.data import Collator, compute_metrics, encode_examples, length_sorted_batches, main_metric
+from de3bert.devices import synchronize
 from de3bert.engine import EarlyExitEngine
-from de3bert.evaluation import calibrate, collect_layer_outputs
-from de3bert.modeling import EarlyExitModel
+from de3bert.errors import CheckpointError
+from de3bert.evaluation import calibrate, collect_layer_outputs, evaluation_source, split_examples
+from de3bert.modeling import WEIGHTS_NAME, EarlyExitModel
+from de3bert.onnx_export import GraphSpec, example_batch, export_graph
+from de3bert.onnx_model import Graph, OnnxEarlyExitModel, inference_session
 from de3bert.policies import CRITERIA, ExitPolicy, speedup_ratio
+from de3bert.runtimes import folder_runtime, load_model, weights_digest
 
 
 @dataclass
@@ -53,9 +67,26 @@ class BenchSettings:
     repeats: int = 3
     """Repeated passes; medians are reported."""
     threads: int = 2
-    """torch.set_num_threads for the run."""
+    """Threads of every system: torch.set_num_threads and ONNX Runtime's intra-op threads."""
     split: str = "dev"
     """Data split to benchmark on."""
+    runtime: str | None = None
+    """"torch" (PyTorch systems) or "onnx" (an exported folder: ONNX Runtime systems too); None: the folder's."""
+    device: str = "cpu"
+    """Where the PyTorch systems run (auto, cpu, cuda, cuda:N); ONNX Runtime systems run on the CPU."""
+    precision: str = "fp32"
+    """Precision of the PyTorch systems' weights (fp32, bf16, fp16, auto)."""
+
+
+@dataclass
+class System:
+    """One timed system: its row name, runtime ("PyTorch", "ORT" or "ORT int8"), how it runs a unit (given the
+    whole unit and the same unit cut into chunks of batch_size), and the exit policy of ours (None: a plain model)."""
+
+    name: str
+    runtime: str
+    run: Callable[[dict, list[dict]], object]
+    policy: ExitPolicy | None = None
 
 
 def plain_hf_model(model: EarlyExitModel) -> nn.Module:
@@ -66,6 +97,32 @@ def plain_hf_model(model: EarlyExitModel) -> nn.Module:
     plain = AutoModelForSequenceClassification.from_config(config)
     plain.base_model.load_state_dict(model.backbone.encoder.state_dict(), strict=False)
     return plain.eval()
+
+
+class PlainGraph(nn.Module):
+    """A plain sequence classifier as one graph: token ids and mask → logits."""
+
+    def __init__(self, plain: nn.Module):
+        super().__init__()
+        self.plain = plain
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The classifier's logits."""
+        return self.plain(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).logits
+
+
+def plain_onnx_graph(model: EarlyExitModel, folder: Path, quantize: str | None, threads: int) -> Graph:
+    """The plain model exported whole to ONNX — traced, optimized, quantized and validated like our graphs — on
+    ONNX Runtime with the benchmark's threads."""
+    plain = plain_hf_model(model)
+    plain.set_attn_implementation("eager")  # as our graphs: the form that runs fastest on ONNX Runtime
+    names = ["input_ids", "attention_mask"] + (["token_type_ids"] if model.backbone.config.model_type != "mpnet" else [])
+    traced, check = (example_batch(model.backbone.config, *shape) for shape in ((2, 8, 0), (3, 11, 1)))
+    spec = GraphSpec("plain.onnx", PlainGraph(plain).eval(), {n: traced[n] for n in names}, ["logits"],
+                     dict.fromkeys(names, {0: "batch", 1: "tokens"}) | {"logits": {0: "batch"}})
+    export_graph(spec, folder, quantize, {n: check[n] for n in names})
+    return Graph(inference_session(folder / spec.name, threads))
 
 
 def head_flops_fraction(model: EarlyExitModel, seq_len: int) -> float:
@@ -87,31 +144,81 @@ def never_exiting(criterion: str, lam: float, num_layers: int) -> ExitPolicy:
     return ExitPolicy(criterion, threshold=0.0 if below else 1.0, lam=lam)
 
 
+def source_checkpoint(exported: OnnxEarlyExitModel) -> Path:
+    """The PyTorch checkpoint an export was written from, unchanged since (the plain models take its weights)."""
+    source = Path(exported.export.source.get("checkpoint", ""))
+    if not (source / WEIGHTS_NAME).exists():
+        raise CheckpointError(f"the benchmark builds the plain models from the checkpoint {exported.directory} was "
+                              f"exported from, {source}, which is gone; bench that checkpoint or export it again")
+    if weights_digest(source) != exported.export.source.get("weights_sha256"):
+        raise CheckpointError(f"checkpoint {source} changed since {exported.directory} was exported from it; "
+                              "export it again")
+    return source
+
+
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def run_benchmark(checkpoint: str | Path, task_name: str | None = None, data_dir: str | None = None,
+def _our_systems(runtime: str, engine: EarlyExitEngine, policies: dict[str, ExitPolicy], batch_size: int) -> list[System]:
+    """Our engine on one runtime, one system per policy."""
+    return [System(f"ours {runtime}, {name}", runtime, lambda whole, chunks, policy=policy: engine.run_batch(
+        **whole, policy=policy, chunk_size=batch_size), policy) for name, policy in policies.items()]
+
+
+def _plain_systems(model: EarlyExitModel, exported: OnnxEarlyExitModel | None, threads: int) -> list[System]:
+    """The plain model in PyTorch (on the device and in the precision of ours) and, next to an export, exported
+    whole on ONNX Runtime (float32, and quantized as the export is); it runs the chunks of each unit."""
+    weights = next(model.parameters())
+    plain = plain_hf_model(model).to(device=weights.device, dtype=weights.dtype)
+    systems = [System("plain PyTorch", "PyTorch", lambda whole, chunks: [
+        plain(**{name: value.to(weights.device) for name, value in chunk.items()}).logits for chunk in chunks])]
+    if exported is None:
+        return systems
+    with tempfile.TemporaryDirectory(prefix="de3bert-bench-") as scratch:  # sessions keep their graphs in memory
+        for quantize in dict.fromkeys([None, exported.export.quantization]):
+            folder = Path(scratch) / (quantize or "float32")
+            folder.mkdir()
+            graph, runtime = plain_onnx_graph(model, folder, quantize, threads), _ort_label(quantize)
+            systems.append(System(f"plain {runtime}", runtime, lambda whole, chunks, graph=graph: [
+                graph.run(None, {name: value.numpy() for name, value in chunk.items()}) for chunk in chunks]))
+    return systems
+
+
+def _ort_label(quantization: str | None) -> str:
+    """How rows name ONNX Runtime with a quantization ("ORT", "ORT int8")."""
+    return "ORT" if quantization is None else f"ORT {quantization}"
+
+
+def run_benchmark(folder: str | Path, task_name: str | None = None, data_dir: str | None = None,
                   settings: BenchSettings | None = None, progress: bool = True) -> dict:
-    """Latency (batch 1) and throughput (batched) of the three systems; returns a JSON-ready report."""
+    """Latency (batch 1) and throughput (batched, pooled) of every system; returns a JSON-ready report."""
     settings = settings or BenchSettings()
     torch.set_num_threads(settings.threads)
-    model = EarlyExitModel.from_pretrained(checkpoint)
-    task_name = task_name or model.config.task
-    task, examples = load_split(task_name, settings.split, data_dir)
+    runtime = settings.runtime or folder_runtime(folder)
+    exported = load_model(folder, runtime, settings.threads) if runtime == "onnx" else None
+    model = load_model(source_checkpoint(exported) if exported else folder, "torch", device=settings.device,
+                       precision=settings.precision)
+    device = next(model.parameters()).device
+    data, _, examples = split_examples(model, evaluation_source(model, task_name, data_dir), settings.split)
+    task = data.task
     encoded = encode_examples(model.tokenizer, examples, model.config.max_length)
     criterion = settings.criterion or (model.config.policy or {}).get("criterion", "entropy")
     lam = (model.config.policy or {}).get("lam", 1.0)
     outputs = collect_layer_outputs(model, encoded)
-    probe = "every head, no exit (ours)"
-    policies = {"full depth (ours)": ExitPolicy("full-depth"), probe: never_exiting(criterion, lam, model.num_layers)}
+    probe = "every head, no exit"
+    policies = {"full depth": ExitPolicy("full-depth"), probe: never_exiting(criterion, lam, model.num_layers)}
     for target in settings.targets:
         policies[f"{criterion} @ {target:g}x"] = calibrate(criterion, outputs, task, target, lam=lam)
-    plain = plain_hf_model(model)
-    engine = EarlyExitEngine(model, policies["full depth (ours)"])
+    engines = {"PyTorch": EarlyExitEngine(model, policies["full depth"])}
+    if exported is not None:
+        engines[_ort_label(exported.export.quantization)] = EarlyExitEngine(exported, policies["full depth"])
+    plains = _plain_systems(model, exported, settings.threads)
+    systems = plains + [s for name, engine in engines.items()
+                        for s in _our_systems(name, engine, policies, settings.batch_size)]
+    reference = plains[-1].name  # the plain model on the runtime, and in the precision, ours run last on
     collator = Collator(model.tokenizer)
-    names = ["plain HF (full depth)", *policies]
 
     def collate(indices):
         batch = collator([encoded[i] for i in indices])
@@ -119,35 +226,27 @@ def run_benchmark(checkpoint: str | Path, task_name: str | None = None, data_dir
         return batch
 
     def timed(units, desc):
-        """Median seconds per unit of every system (plain HF runs each unit in chunks of batch_size)."""
-        samples = {name: [[] for _ in units] for name in names}
-        exit_layers = {name: [] for name in policies}
+        """Median seconds per unit of every system, and the results of ours in the first pass."""
+        samples = {system.name: [[] for _ in units] for system in systems}
+        results = {system.name: [] for system in systems if system.policy is not None}
         prepared = [(collate(unit), [collate(unit[i:i + settings.batch_size])
                                      for i in range(0, len(unit), settings.batch_size)]) for unit in units]
-
-        def calls(whole, chunks):
-            result = {"plain HF (full depth)": lambda: [plain(**chunk) for chunk in chunks]}
-            for name, policy in policies.items():
-                result[name] = lambda policy=policy: engine.run_batch(**whole, policy=policy,
-                                                                      chunk_size=settings.batch_size)
-            return list(result.items())
-
         with torch.inference_mode():
-            for _, call in calls(*prepared[0]):  # warm-up
-                call()
+            for system in systems:  # warm-up
+                system.run(*prepared[0])
             for repeat in range(settings.repeats):
                 for index, unit in enumerate(tqdm(prepared, desc=f"{desc} pass {repeat + 1}",
                                                   disable=not progress, leave=False)):
-                    ordered = calls(*unit)
-                    shift = (index + repeat) % len(ordered)  # rotate the order to spread drift evenly
-                    for name, call in ordered[shift:] + ordered[:shift]:
+                    shift = (index + repeat) % len(systems)  # rotate the order to spread drift evenly
+                    for system in systems[shift:] + systems[:shift]:
                         started = time.perf_counter()
-                        result = call()
-                        samples[name][index].append(time.perf_counter() - started)
-                        if repeat == 0 and name in exit_layers:
-                            exit_layers[name].append(result.exit_layers)
+                        result = system.run(*unit)
+                        synchronize(device)  # a GPU may still be computing what the call queued
+                        samples[system.name][index].append(time.perf_counter() - started)
+                        if repeat == 0 and system.name in results:
+                            results[system.name].append(result)
         seconds = {name: [statistics.median(runs) for runs in per_unit] for name, per_unit in samples.items()}
-        return seconds, {n: torch.cat(v) for n, v in exit_layers.items()}
+        return seconds, results
 
     single = [[i] for i in range(min(settings.latency_inputs, len(encoded)))]
     count = len(encoded) if settings.throughput_inputs is None else min(settings.throughput_inputs, len(encoded))
@@ -155,36 +254,44 @@ def run_benchmark(checkpoint: str | Path, task_name: str | None = None, data_dir
     batched = length_sorted_batches(lengths, settings.batch_size)
     by_length = sorted(range(count), key=lambda i: lengths[i])
     pooled = [by_length[i:i + settings.pool_size] for i in range(0, count, settings.pool_size)]
-    latency, latency_exits = timed(single, "batch 1")
-    throughput, throughput_exits = timed(batched, f"batch {settings.batch_size}")
+    latency, latency_results = timed(single, "batch 1")
+    throughput, throughput_results = timed(batched, f"batch {settings.batch_size}")
     pooled_seconds, _ = timed(pooled, f"pools of {settings.pool_size}")
 
-    base = "plain HF (full depth)"
+    labels = [encoded[i].label for unit in batched for i in unit]
     rows = []
-    for name in names:
-        row = {"system": name, "latency_p50_ms": 1000 * statistics.median(latency[name]),
+    for system in systems:
+        name = system.name
+        row = {"system": name, "runtime": system.runtime, "latency_p50_ms": 1000 * statistics.median(latency[name]),
                "latency_p95_ms": 1000 * _percentile(latency[name], 0.95),
                "latency_mean_ms": 1000 * statistics.fmean(latency[name]),
                "throughput_per_s": count / sum(throughput[name]),
-               "throughput_pooled_per_s": count / sum(pooled_seconds[name]),
-               "wallclock_speedup_batch1": sum(latency[base]) / sum(latency[name]),
-               "wallclock_speedup_batched": sum(throughput[base]) / sum(throughput[name]),
-               "wallclock_speedup_pooled": sum(pooled_seconds[base]) / sum(pooled_seconds[name])}
-        if name in policies:
-            row["policy"] = policies[name].to_dict()
-            row["layer_speedup_batch1"] = speedup_ratio(latency_exits[name], model.num_layers)
-            row["layer_speedup_batched"] = speedup_ratio(throughput_exits[name], model.num_layers)
+               "throughput_pooled_per_s": count / sum(pooled_seconds[name])}
+        for mode, timings in (("batch1", latency), ("batched", throughput), ("pooled", pooled_seconds)):
+            row[f"wallclock_speedup_{mode}"] = sum(timings[reference]) / sum(timings[name])
+            for plain in plains:
+                row[f"speedup_vs_{plain.name.replace(' ', '_')}_{mode}"] = sum(timings[plain.name]) / sum(timings[name])
+        if system.policy is not None:
+            exits = throughput_results[name]
+            row["policy"] = system.policy.to_dict()
+            row["layer_speedup_batch1"] = speedup_ratio(torch.cat([r.exit_layers for r in latency_results[name]]),
+                                                        model.num_layers)
+            row["layer_speedup_batched"] = speedup_ratio(torch.cat([r.exit_layers for r in exits]), model.num_layers)
+            predictions = torch.cat([r.predictions for r in exits]).tolist()
+            row["metric"] = main_metric(task, compute_metrics(task, predictions, labels))
         rows.append(row)
-    full = next(r for r in rows if r["system"] == "full depth (ours)")
-    every_head = next(r for r in rows if r["system"] == probe)
-    per_layer_overhead = (every_head["latency_mean_ms"] - full["latency_mean_ms"]) / (model.num_layers - 1)
+    by_name = {row["system"]: row for row in rows}
+    head_cost = {name: (by_name[f"ours {name}, {probe}"]["latency_mean_ms"]
+                        - by_name[f"ours {name}, full depth"]["latency_mean_ms"]) / (model.num_layers - 1)
+                 for name in engines}
     mean_len = sum(len(e.input_ids) for e in encoded[:count]) / count
     return {
-        "checkpoint": str(checkpoint), "task": task.name, "split": settings.split, "backbone": model.config.backbone_name,
+        "checkpoint": str(folder), "task": task.name, "split": settings.split, "backbone": model.config.backbone_name,
         "num_layers": model.num_layers, "threads": settings.threads, "settings": asdict(settings),
-        "latency_inputs": len(single), "throughput_inputs": count, "mean_tokens": mean_len,
+        "reference": reference, "metric": task.main_metric, "latency_inputs": len(single),
+        "throughput_inputs": count, "mean_tokens": mean_len,
         "overhead": model.overhead() | {"head_flops_per_layer_fraction": head_flops_fraction(model, round(mean_len)),
-                                         "measured_head_and_policy_ms_per_layer_batch1": per_layer_overhead},
+                                         "measured_head_and_policy_ms_per_layer_batch1": head_cost},
         "rows": rows,
     }
 
@@ -211,7 +318,7 @@ def plot_benchmark(report: dict, path: str | Path) -> Path:
         ax.set_title(title)
         ax.axhline(1.0, color="gray", linewidth=0.8)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].set_ylabel("speed-up vs plain HF model")
+    axes[0].set_ylabel(f"speed-up vs {report['reference']}")
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{report['task']} {report['split']}, {report['backbone']} ({report['num_layers']} layers), "
                  f"{report['threads']} threads")

@@ -1,4 +1,4 @@
-"""`de3bert` command line: train | evaluate | predict | bench | serve. Thin: it parses and calls the library."""
+"""`de3bert` command line: train | evaluate | export | predict | bench | serve. Thin: it parses and calls the library."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from de3bert.errors import De3bertError
 
 DATA_HELP = ("folder in the official GLUE layout (<dir>/<TASK>/train.tsv, dev.tsv); default: $GLUE_DIR, "
              "else ../shared/data/glue")
+RUNTIME_HELP = ("torch (PyTorch) or onnx (ONNX Runtime, on a folder written by `de3bert export`); default: the one "
+                "the folder was written for")
 HUB_HELP = "read the task from a Hugging Face datasets id instead (e.g. nyu-mll/glue; needs internet and `datasets`)"
 
 
@@ -142,9 +144,9 @@ def cmd_predict(args) -> None:
     from de3bert.batch_predict import predict_file
     from de3bert.data import recorded_columns
     from de3bert.engine import EarlyExitEngine
-    from de3bert.modeling import EarlyExitModel
+    from de3bert.runtimes import load_model
 
-    model = EarlyExitModel.from_pretrained(args.checkpoint)
+    model = load_model(args.checkpoint, args.runtime, device=args.device, precision=args.precision)
     engine = EarlyExitEngine(model, _policy(args), batch_size=args.batch_size)
     if args.input is not None:
         if args.output is None:
@@ -169,7 +171,8 @@ def cmd_bench(args) -> None:
 
     settings = BenchSettings(criterion=args.criterion, targets=tuple(args.targets), latency_inputs=args.latency_inputs,
                              throughput_inputs=args.throughput_inputs, batch_size=args.batch_size,
-                             pool_size=args.pool_size, repeats=args.repeats, threads=args.threads, split=args.split)
+                             pool_size=args.pool_size, repeats=args.repeats, threads=args.threads, split=args.split,
+                             runtime=args.runtime, device=args.device, precision=args.precision)
     report = run_benchmark(args.checkpoint, args.task, args.data_dir, settings, progress=not args.no_progress)
     output = Path(args.output) if args.output else Path(args.checkpoint) / "bench"
     output.mkdir(parents=True, exist_ok=True)
@@ -177,23 +180,39 @@ def cmd_bench(args) -> None:
     plot_benchmark(report, output / "wallclock.png")
     print(f"{report['task']} {report['split']}: {report['latency_inputs']} inputs at batch 1, "
           f"{report['throughput_inputs']} in batches of {args.batch_size} and in pools of {args.pool_size}, "
-          f"{args.threads} threads, medians of {args.repeats}")
+          f"{args.threads} threads, medians of {args.repeats}; speed-ups over {report['reference']}")
     print(_table(report["rows"], ["system", "latency_p50_ms", "latency_p95_ms", "layer_speedup_batch1",
-                                  "wallclock_speedup_batch1"]))
+                                  "wallclock_speedup_batch1", "metric"]))
     print(_table(report["rows"], ["system", "layer_speedup_batched", "throughput_per_s", "wallclock_speedup_batched",
                                   "throughput_pooled_per_s", "wallclock_speedup_pooled"]))
-    print(f"exit heads + policy: {report['overhead']['measured_head_and_policy_ms_per_layer_batch1']:.3f} ms per layer "
-          f"at batch 1; heads hold {100 * report['overhead']['overhead_fraction']:.1f}% of the backbone's parameters")
-    print(f"written to {output}/wallclock.json and wallclock.png")
+    for runtime, milliseconds in report["overhead"]["measured_head_and_policy_ms_per_layer_batch1"].items():
+        print(f"exit heads + policy on {runtime}: {milliseconds:.3f} ms per layer at batch 1")
+    print(f"heads hold {100 * report['overhead']['overhead_fraction']:.1f}% of the backbone's parameters; "
+          f"written to {output}/wallclock.json and wallclock.png")
+
+
+def cmd_export(args) -> None:
+    """Export a checkpoint as ONNX graphs for ONNX Runtime."""
+    from de3bert.onnx_export import export_checkpoint
+
+    measure = args.quantize is not None or args.measure
+    info = export_checkpoint(args.checkpoint, args.output, args.quantize, measure, args.data_dir)
+    print(f"exported {args.checkpoint} to {args.output} ({info.quantization or 'float32'} graphs; largest relative "
+          f"difference from PyTorch {max(info.validation.values()):.1e})")
+    if info.exit_metrics:
+        print("dev metric of every exit (and of the calibrated policy, with its layer speed-up):")
+        print(_table(info.exit_metrics, list(info.exit_metrics[-1])))
+    print(f"run it with: de3bert serve {args.output}  (or predict / bench {args.output} --runtime onnx)")
 
 
 def cmd_serve(args) -> None:
     """Serve a checkpoint over HTTP until interrupted."""
     from de3bert.serving import ServiceSettings, serve
 
-    settings = ServiceSettings(args.checkpoint, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
-                               micro_batching=not args.no_micro_batching, max_inputs=args.max_inputs,
-                               max_chars=args.max_chars, max_body_bytes=args.max_body_bytes)
+    settings = ServiceSettings(args.checkpoint, args.runtime, args.device, args.precision,
+                               max_batch_size=args.max_batch_size,
+                               max_wait_ms=args.max_wait_ms, micro_batching=not args.no_micro_batching,
+                               max_inputs=args.max_inputs, max_chars=args.max_chars, max_body_bytes=args.max_body_bytes)
     serve(settings, args.host, args.port, args.workers)
 
 
@@ -323,9 +342,22 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")
     evaluate.set_defaults(func=cmd_evaluate)
 
+    export = sub.add_parser("export", help="write a checkpoint as ONNX graphs for ONNX Runtime (serve it without "
+                                           "PyTorch weights)", formatter_class=HelpFormatter)
+    export.add_argument("checkpoint", help="checkpoint folder written by `de3bert train`")
+    export.add_argument("--output", required=True, help="folder to write the graphs, config and tokenizer to")
+    export.add_argument("--quantize", choices=["int8"],
+                        help="dynamic int8 quantization of the graphs (its accuracy is measured on the task's dev "
+                             "split)")
+    export.add_argument("--measure", action="store_true",
+                        help="measure every exit's dev metric in PyTorch and on the graphs (always with --quantize)")
+    export.add_argument("--data-dir", help=DATA_HELP)
+    export.set_defaults(func=cmd_export)
+
     predict = sub.add_parser("predict", help="classify a text (or text pair) with early exiting",
                              formatter_class=HelpFormatter)
-    predict.add_argument("checkpoint", help="checkpoint folder")
+    predict.add_argument("checkpoint", help="checkpoint folder or exported folder")
+    predict.add_argument("--runtime", choices=["torch", "onnx"], help=RUNTIME_HELP)
     predict.add_argument("--text", help="the text to classify")
     predict.add_argument("--text-pair", help="second text, for pair tasks (RTE, MRPC, QNLI, ...)")
     predict.add_argument("--input", help="file of inputs to classify (.tsv, .csv or .jsonl with named columns)")
@@ -336,10 +368,13 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--batch-size", type=int, default=32, help="inference batch size")
     predict.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_policy_options(predict)
+    _add_device_options(predict)
     predict.set_defaults(func=cmd_predict)
-    bench = sub.add_parser("bench", help="measured wall-clock speed-up: plain HF vs full depth vs early exit",
+    bench = sub.add_parser("bench", help="measured wall-clock speed-up over the plain model, on PyTorch and ONNX Runtime",
                            formatter_class=HelpFormatter)
-    bench.add_argument("checkpoint", help="checkpoint folder")
+    bench.add_argument("checkpoint", help="checkpoint folder, or exported folder (then the ONNX Runtime systems are timed "
+                                          "too, next to the PyTorch ones of the checkpoint it was exported from)")
+    bench.add_argument("--runtime", choices=["torch", "onnx"], help=RUNTIME_HELP)
     bench.add_argument("--task", help="task whose data is timed (default: the checkpoint's)")
     bench.add_argument("--split", default="dev", help="split to time")
     bench.add_argument("--criterion", help="exit criterion to calibrate (default: the checkpoint's)")
@@ -350,14 +385,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--pool-size", type=int, default=256,
                        help="inputs run layer by layer together in the pooled runs (survivors re-packed)")
     bench.add_argument("--repeats", type=int, default=3, help="repeated passes (medians are reported)")
-    bench.add_argument("--threads", type=int, default=2, help="torch threads")
+    bench.add_argument("--threads", type=int, default=2, help="threads of every system (PyTorch and ONNX Runtime)")
     bench.add_argument("--output", help="folder for wallclock.json and wallclock.png (default: CHECKPOINT/bench)")
     bench.add_argument("--data-dir", help=DATA_HELP)
     bench.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_device_options(bench)
     bench.set_defaults(func=cmd_bench)
     serve = sub.add_parser("serve", help="HTTP prediction service (FastAPI on uvicorn) with micro-batching",
                            formatter_class=HelpFormatter)
-    serve.add_argument("checkpoint", help="checkpoint folder")
+    serve.add_argument("checkpoint", help="checkpoint folder or exported folder")
+    serve.add_argument("--runtime", choices=["torch", "onnx"], help=RUNTIME_HELP)
     serve.add_argument("--host", default="127.0.0.1", help="interface to listen on")
     serve.add_argument("--port", type=int, default=8000, help="TCP port")
     serve.add_argument("--workers", type=int, default=1, help="worker processes (each loads the model)")
@@ -368,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-inputs", type=int, default=64, help="most inputs per request")
     serve.add_argument("--max-chars", type=int, default=5000, help="most characters per text")
     serve.add_argument("--max-body-bytes", type=int, default=1_000_000, help="largest request body")
+    _add_device_options(serve)
     serve.set_defaults(func=cmd_serve)
     return parser
 

@@ -39,6 +39,12 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     return torch.device(f"cuda:{index}" if index else f"cuda:{torch.cuda.current_device()}")
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait until the device has finished the work queued on it (nothing to wait for on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def resolve_precision(name: str | None, device: torch.device) -> str:
     """The precision ("fp32", "bf16" or "fp16") a name stands for on a device, or a DeviceError."""
     name = (name or "auto").strip().lower()

@@ -7,20 +7,28 @@ into dense compute chunks of `batch_size` rows, each cut to the padding its long
 late layers still run on full batches instead of on the few survivors of one batch. A batch of
 one therefore stops at its exit layer. Only the parts of a head the policy reads are computed
 (patience and entropy policies skip the prototypical network; full depth skips internal heads).
+
+The loop is the same on every runtime: the model's runner (`runners.py`) computes embeddings,
+layers and heads — PyTorch for an `EarlyExitModel`, ONNX Runtime for an `OnnxEarlyExitModel`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from de3bert.data import Collator, Example, encode_examples
+from de3bert.devices import resolve_device
 from de3bert.errors import PolicyError
 from de3bert.heads import HeadOutput
 from de3bert.modeling import EarlyExitModel
 from de3bert.policies import ExitPolicy
+
+if TYPE_CHECKING:
+    from de3bert.onnx_model import OnnxEarlyExitModel
 
 
 @dataclass
@@ -46,6 +54,8 @@ class Prediction:
 
 def _trim_padding(hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Drop trailing columns that are padding for every row."""
+    if mask[:, -1].any():  # the common case (a single input, the longest row of a chunk): nothing to drop
+        return hidden, mask
     used = mask.any(0).nonzero()
     length = int(used.max()) + 1 if used.numel() else mask.shape[1]
     if length == mask.shape[1]:
@@ -53,29 +63,45 @@ def _trim_padding(hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tenso
     return hidden[:, :length], mask[:, :length]
 
 
-class EarlyExitEngine:
-    """Runs an EarlyExitModel layer by layer and stops each input at the layer its policy picks.
+def _concat(outputs: list[HeadOutput]) -> HeadOutput:
+    """One HeadOutput of the chunks' outputs, rows in chunk order."""
+    if len(outputs) == 1:
+        return outputs[0]
+    first = outputs[0]
+    return HeadOutput(torch.cat([o.logits for o in outputs]),
+                      None if first.distances is None else torch.cat([o.distances for o in outputs]),
+                      None if first.indicators is None else {name: torch.cat([o.indicators[name] for o in outputs])
+                                                             for name in first.indicators})
 
+
+class EarlyExitEngine:
+    """Runs a model layer by layer and stops each input at the layer its policy picks.
+
+    model: an EarlyExitModel (PyTorch) or an OnnxEarlyExitModel (an exported folder on ONNX Runtime).
+    device: where to run it ("auto", "cpu", "cuda", "cuda:N"; None: where it is). Results come back on the CPU.
     batch_size: rows per compute chunk. pool_size: inputs run together layer by layer by
     `run_examples` (rows that exit are replaced by rows of the same pool, keeping chunks full).
     """
 
-    def __init__(self, model: EarlyExitModel, policy: ExitPolicy | None = None, batch_size: int = 32,
-                 pool_size: int = 256):
+    def __init__(self, model: EarlyExitModel | OnnxEarlyExitModel, policy: ExitPolicy | None = None,
+                 batch_size: int = 32, pool_size: int = 256, device: str | torch.device | None = None):
         if policy is None:
             if not model.config.policy:
                 raise PolicyError("the checkpoint has no calibrated exit policy; pass one (criterion and threshold)")
             policy = ExitPolicy(**model.config.policy)
         self._check(policy, model)
-        self.model = model.eval()
+        if device is not None:
+            model.to(resolve_device(device))
+        self.model = model
+        self.runner = model.runner
         self.policy = policy
         self.batch_size = batch_size
         self.pool_size = max(pool_size, batch_size)
         self.collator = Collator(model.tokenizer) if model.tokenizer is not None else None
 
     @staticmethod
-    def _check(policy: ExitPolicy, model: EarlyExitModel) -> None:
-        if policy.needs_prototypes and not model.heads[0].has_prototypes:
+    def _check(policy: ExitPolicy, model: EarlyExitModel | OnnxEarlyExitModel) -> None:
+        if policy.needs_prototypes and not model.has_prototypes:
             raise PolicyError(f"criterion '{policy.criterion}' needs prototypes, but this model's heads have none "
                               "(trained with a recipe without prototypes)")
 
@@ -87,13 +113,13 @@ class EarlyExitEngine:
         rows leave the computation as they exit."""
         policy = policy or self.policy
         self._check(policy, self.model)
-        backbone, heads = self.model.backbone, self.model.heads
-        num_layers, batch = len(heads), input_ids.shape[0]
+        runner, num_layers, batch = self.runner, self.model.num_layers, input_ids.shape[0]
         chunk_size = chunk_size or batch
-        hidden, mask = _trim_padding(backbone.embed(input_ids, token_type_ids), attention_mask)
+        hidden = runner.embed(input_ids, token_type_ids)
+        hidden, mask = _trim_padding(hidden, attention_mask.to(hidden.device))
         state = policy.initial_state(batch, hidden.device)
         active = torch.arange(batch, device=hidden.device)
-        width = heads[0].classifier.out_features
+        width = self.model.config.num_labels
         logits = hidden.new_zeros(batch, width)
         exit_layers = torch.zeros(batch, dtype=torch.long, device=hidden.device)
         indicators = hidden.new_zeros(batch)
@@ -106,18 +132,16 @@ class EarlyExitEngine:
                 for start in range(0, hidden.shape[0], chunk_size):
                     chunk_hidden, chunk_mask = _trim_padding(hidden[start:start + chunk_size],
                                                              mask[start:start + chunk_size])
-                    chunks.append([start, chunk_hidden, chunk_mask, backbone.context(chunk_hidden, chunk_mask)])
+                    chunks.append([start, chunk_hidden, chunk_mask, runner.context(chunk_hidden, chunk_mask)])
             outputs = []
             for chunk in chunks:
                 start, chunk_hidden, chunk_mask, context = chunk
-                chunk[1] = chunk_hidden = backbone.run_layer(index, chunk_hidden, context)
-                if with_head:
-                    outputs.append(heads[index](chunk_hidden, chunk_mask, with_prototypes=policy.needs_prototypes))
+                chunk[1], output = runner.run_layer(index, chunk_hidden, chunk_mask, context,
+                                                    policy if with_head else None)
+                outputs.append(output)
             if not with_head:
                 continue
-            output = outputs[0] if len(outputs) == 1 else HeadOutput(
-                torch.cat([o.logits for o in outputs]),
-                None if outputs[0].distances is None else torch.cat([o.distances for o in outputs]))
+            output = _concat(outputs)
             step = policy.step(output, state, is_last=is_last)
             state = step.state
             if not step.exits.any():  # the common case at batch 1: nothing to record or re-pack
@@ -138,7 +162,7 @@ class EarlyExitEngine:
             hidden, mask = _trim_padding(hidden[staying], mask[staying])
             chunks = None
         predictions = logits.squeeze(-1) if width == 1 else logits.argmax(-1)
-        return BatchExits(logits, predictions, exit_layers, indicators)
+        return BatchExits(logits.cpu(), predictions.cpu(), exit_layers.cpu(), indicators.cpu())
 
     def run_examples(self, examples: list[Example], policy: ExitPolicy | None = None) -> BatchExits:
         """Early-exit results for examples, in input order: pools of similar length, dense chunks."""

@@ -23,3 +23,8 @@ class BackboneError(De3bertError):
 
 class DeviceError(De3bertError):
     """A device or precision was asked for that this machine cannot provide."""
+
+
+class ExportError(De3bertError):
+    """A model cannot be exported to ONNX or run on ONNX Runtime (unsupported model, graphs that disagree with
+    PyTorch, ONNX Runtime not installed)."""

@@ -11,10 +11,11 @@ import math
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from sklearn.metrics import roc_auc_score
+from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -27,6 +28,9 @@ from de3bert.model_card import write_model_card
 from de3bert.modeling import EarlyExitModel
 from de3bert.plots import plot_tradeoff
 from de3bert.policies import CRITERIA, ExitPolicy, simulate_exits, speedup_ratio
+
+if TYPE_CHECKING:
+    from de3bert.onnx_model import OnnxEarlyExitModel
 
 T = TypeVar("T")
 CLASSIFICATION_CRITERIA = ("edr", "entropy", "confidence", "dr", "patience", "pcee")
@@ -67,18 +71,22 @@ class LayerOutputs:
 
 @torch.no_grad()
 def collect_layer_outputs(
-    model: EarlyExitModel, examples: list[EncodedExample], batch_size: int = 64, progress: bool = False
+    model: EarlyExitModel | OnnxEarlyExitModel, examples: list[EncodedExample], batch_size: int = 64,
+    progress: bool = False
 ) -> LayerOutputs:
     """Run every exit head over encoded examples (no early stopping) and gather the outputs."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
+    on_torch = isinstance(model, nn.Module)  # an ONNX export has no training mode and runs on the CPU
+    was_training = on_torch and model.training
+    if on_torch:
+        model.eval()
+    device = next(model.parameters()).device if on_torch else torch.device("cpu")
     loader = DataLoader(examples, batch_size=batch_size, collate_fn=Collator(model.tokenizer))
     parts = []
     for batch in tqdm(loader, desc="evaluating", disable=not progress, leave=False):
         labels = batch.pop("labels")
         parts.append(LayerOutputs.from_layers(model(**{k: v.to(device) for k, v in batch.items()}).layers, labels))
-    model.train(was_training)
+    if on_torch:
+        model.train(was_training)
     return LayerOutputs(torch.cat([p.logits for p in parts], 1),
                         None if parts[0].distances is None else torch.cat([p.distances for p in parts], 1),
                         torch.cat([p.labels for p in parts]))
@@ -251,11 +259,11 @@ def indicator_auroc(criterion: str, outputs: LayerOutputs, lam: float = 1.0) -> 
     return scores
 
 
-def criteria_for(model: EarlyExitModel) -> tuple[str, ...]:
+def criteria_for(model: EarlyExitModel | OnnxEarlyExitModel) -> tuple[str, ...]:
     """The exit criteria a model supports (prototype criteria need prototype heads)."""
     if model.config.is_regression:
         return ("regression-patience",)
-    if model.heads[0].has_prototypes:
+    if model.has_prototypes:
         return CLASSIFICATION_CRITERIA
     return tuple(c for c in CLASSIFICATION_CRITERIA if c not in ("edr", "dr"))
 
@@ -294,6 +302,18 @@ def evaluation_source(model: EarlyExitModel, task_name: str | None = None, data_
     return with_location(source, data_dir, hub_dataset)
 
 
+def split_examples(model: EarlyExitModel, source: DataSource, split: str = "dev") -> tuple[RunData, str, list[Example]]:
+    """The run's data rebuilt from `source`, and the name and examples of one of its splits ("dev": the split that
+    chose the best epoch — a dev set, a validation file or the held-out validation slice)."""
+    data = run_data(model, source)
+    if list(data.task.labels) != model.config.labels:
+        raise CheckpointError(f"the model was trained for task '{model.config.task}' with labels "
+                              f"{model.config.labels}, not for '{data.task.name}' with labels {list(data.task.labels)}")
+    if split == "dev":
+        return data, data.dev_split, data.dev
+    return data, split, source.read(split, data.task)
+
+
 def evaluate_checkpoint(checkpoint: str | Path, task_name: str | None = None, data_dir: str | None = None,
                         hub_dataset: str | None = None, output_dir: str | Path | None = None,
                         batch_size: int = 64, pcee_patience: int = 2, lam: float | None = None,
@@ -309,18 +329,13 @@ def evaluate_checkpoint(checkpoint: str | Path, task_name: str | None = None, da
     """
     model = EarlyExitModel.from_pretrained(checkpoint, device=device, precision=precision)
     source = evaluation_source(model, task_name, data_dir, hub_dataset)
-    data = run_data(model, source)
+    data, evaluated_on, examples = split_examples(model, source, split)
     task = data.task
-    if list(task.labels) != model.config.labels:
-        raise CheckpointError(f"checkpoint {checkpoint} was trained for task '{model.config.task}' with labels "
-                              f"{model.config.labels}, not for '{task.name}' with labels {list(task.labels)}")
     if eval_file is not None:
         columns = source.columns.overridden(text_column, text_pair_column, label_column)
         evaluated_on = Path(eval_file).name
         examples = read_table(eval_file, columns.text, columns.text_pair, columns.label, task.labels,
                               task.label_names, "the model's labels")[0]
-    else:
-        evaluated_on, examples = (data.dev_split, data.dev) if split == "dev" else (split, source.read(split, task))
     max_length = model.config.max_length
     evaluated = collect_layer_outputs(model, encode_examples(model.tokenizer, examples, max_length), batch_size,
                                       progress)

@@ -21,10 +21,13 @@ class HeadOutput:
     logits: (B, C) classifier logits z (C = 1 for regression).
     distances: (B, C) distances r_k from the embedding to each class prototype, or None when the
         prototypical network was not evaluated (regression, or a policy that does not read it).
+    indicators: the prediction and exit indicators (B,) computed with the head by
+        `policies.head_indicators` (an exported layer graph does this), or None: the policy computes them.
     """
 
     logits: torch.Tensor
     distances: torch.Tensor | None = None
+    indicators: dict[str, torch.Tensor] | None = None
 
 
 def prototype_distances(embeddings: torch.Tensor, prototypes: torch.Tensor, metric: str) -> torch.Tensor:

@@ -22,6 +22,7 @@ from de3bert.errors import CheckpointError
 from de3bert.heads import DISTANCES, POOLINGS, ExitHead, HeadOutput
 from de3bert.model_card import write_model_card
 from de3bert.prototypes import PROTOTYPE_KINDS
+from de3bert.runners import TorchRunner
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
@@ -164,6 +165,16 @@ class EarlyExitModel(nn.Module):
         """Number of layers M (= number of exits)."""
         return self.backbone.num_layers
 
+    @property
+    def has_prototypes(self) -> bool:
+        """Whether the internal exit heads carry prototypical networks (the prototype criteria read them)."""
+        return self.heads[0].has_prototypes
+
+    @property
+    def runner(self) -> TorchRunner:
+        """The engine's runner for this model: PyTorch, in eval mode."""
+        return TorchRunner(self)
+
     @classmethod
     def from_backbone(
         cls,
@@ -280,7 +291,7 @@ class EarlyExitModel(nn.Module):
         weights = directory / WEIGHTS_NAME
         if not weights.exists():
             raise CheckpointError(f"checkpoint {directory} has no {WEIGHTS_NAME}")
-        model = cls(config, backbone_from_config(config.backbone), _load_tokenizer(directory))
+        model = cls(config, backbone_from_config(config.backbone), load_tokenizer(directory))
         try:
             state = load_file(weights)
         except Exception as exc:  # safetensors raises its own error types for corrupt files
@@ -325,7 +336,8 @@ def read_config(directory: Path) -> EarlyExitConfig:
         raise CheckpointError(f"{path} has an unexpected de3bert section or id2label: {exc}") from exc
 
 
-def _load_tokenizer(directory: Path) -> PreTrainedTokenizerBase:
+def load_tokenizer(directory: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer saved in a checkpoint (or export) folder."""
     try:
         return AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError) as exc:

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 
 import torch
 
+from de3bert.devices import synchronize
+
 _NOTHING = contextlib.nullcontext()
 
 
@@ -23,7 +25,7 @@ class PhaseTimer:
     def __init__(self, device: torch.device | None = None, enabled: bool = True):
         self.enabled = enabled
         self.seconds: dict[str, float] = defaultdict(float)
-        self._cuda = device is not None and device.type == "cuda"
+        self.device = device or torch.device("cpu")
 
     def phase(self, name: str) -> contextlib.AbstractContextManager:
         """A context that charges its wall-clock time to `name`."""
@@ -31,14 +33,10 @@ class PhaseTimer:
 
     @contextlib.contextmanager
     def _timed(self, name: str) -> Iterator[None]:
-        self._synchronize()
+        synchronize(self.device)
         started = time.perf_counter()
         try:
             yield
         finally:
-            self._synchronize()
+            synchronize(self.device)
             self.seconds[name] += time.perf_counter() - started
-
-    def _synchronize(self) -> None:
-        if self._cuda:
-            torch.cuda.synchronize()

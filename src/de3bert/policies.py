@@ -12,7 +12,9 @@ DeeBERT/entropy, confidence, DR and DE³/EDR use patience 1; PABEE is "predictio
 patience t; PCEE is "entropy < τ" with patience t; regression patience is "|Δ output| < τ" with
 patience t; full depth never exits early (the engine then skips the internal heads altogether).
 The offline simulation (`simulate_exits`) and the inference engine both call `ExitPolicy.step`, so
-they cannot disagree.
+they cannot disagree. An exported layer graph computes the indicators next to its head with
+`head_indicators` — these same functions, traced — and the policy then reads them instead of
+computing them (`HeadOutput.indicators`); the decisions stay here.
 """
 
 from __future__ import annotations
@@ -72,6 +74,10 @@ CRITERIA = {
     "regression-patience": (False, True),
     "full-depth": (False, True),
 }
+# the indicator each criterion compares with τ (patience and regression-patience compare predictions instead)
+CRITERION_INDICATORS = {"edr": "edr", "entropy": "entropy", "confidence": "confidence", "dr": "dr", "pcee": "entropy",
+                        "full-depth": "entropy"}
+INDICATORS = ("entropy", "confidence", "dr", "edr")  # the last two read prototype distances
 CRITERION_NAMES = {
     "edr": "EDR", "entropy": "entropy", "confidence": "max-probability", "dr": "distance ratio",
     "pcee": "entropy + patience", "patience": "patience", "regression-patience": "patience (regression)",
@@ -86,6 +92,36 @@ def criterion_label(criterion: str, recipe: str | None = None) -> str:
     """How to name a criterion on a model trained with `recipe`: the method's name only where the model was
     trained the way that method trains ("entropy", not "DeeBERT (entropy)", on a DE³ model)."""
     return METHOD_NAMES.get((recipe, criterion), CRITERION_NAMES.get(criterion, criterion))
+
+
+def class_probabilities(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class probabilities p (float32) of a head's logits, and its prediction: the argmax class, or the score of a
+    one-output regression head."""
+    logits = logits.float()
+    # a half-precision head can overflow to ±inf, and softmax of inf is NaN; the largest finite float is not
+    finite = logits.clamp(-FLOAT32_MAX, FLOAT32_MAX)
+    # the class of the largest logit: probabilities can tie where logits do not
+    return finite.softmax(-1), logits.squeeze(-1) if logits.shape[-1] == 1 else finite.argmax(-1)
+
+
+def indicator_value(name: str, probs: torch.Tensor, distances: torch.Tensor | None,
+                    lam: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """The named indicator (one of INDICATORS) of a head's class probabilities and prototype distances."""
+    if name == "entropy":
+        return normalized_entropy(probs)
+    if name == "confidence":
+        return max_probability(probs)
+    ratio = distance_ratio(probs, distances.float())
+    return ratio if name == "dr" else hybrid_indicator(normalized_entropy(probs), ratio, lam)
+
+
+def head_indicators(logits: torch.Tensor, distances: torch.Tensor | None,
+                    lam: float | torch.Tensor = 1.0) -> dict[str, torch.Tensor]:
+    """The prediction and every indicator a policy can read from one head output (the prototype ones only with
+    distances): what an exported layer graph computes next to its head, from these very functions."""
+    probs, prediction = class_probabilities(logits)
+    names = INDICATORS if distances is not None else INDICATORS[:2]
+    return {"prediction": prediction} | {name: indicator_value(name, probs, distances, lam) for name in names}
 
 
 @dataclass
@@ -157,31 +193,23 @@ class ExitPolicy:
         return ExitState(torch.zeros(batch_size, dtype=torch.long, device=device), None)
 
     def indicator(self, output: HeadOutput, previous: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(indicator value, prediction) of one layer's head output."""
-        logits = output.logits.float()
+        """(indicator value, prediction) of one layer's head output; read from output.indicators when the head
+        computed them (head_indicators, inside an exported layer graph)."""
         if self.criterion == "regression-patience":
-            value = logits.squeeze(-1)
+            value = output.logits.float().squeeze(-1)
             delta = torch.full_like(value, math.inf) if previous is None else (value - previous).abs()
             return delta, value
-        # a half-precision head can overflow to ±inf, and softmax of inf is NaN; the largest finite float is not
-        finite = logits.clamp(-FLOAT32_MAX, FLOAT32_MAX)
-        probs = finite.softmax(-1)
-        # the class of the largest logit (probabilities can tie where logits do not); a regression head (one
-        # output; full depth is its other criterion) predicts its score
-        prediction = logits.squeeze(-1) if logits.shape[-1] == 1 else finite.argmax(-1)
+        computed = output.indicators
+        probs, prediction = (None, computed["prediction"]) if computed else class_probabilities(output.logits)
         if self.criterion == "patience":
             changed = torch.ones_like(prediction, dtype=torch.bool) if previous is None else prediction != previous
             return changed.float(), prediction
-        if self.criterion in ("entropy", "pcee", "full-depth"):
-            return normalized_entropy(probs), prediction
-        if self.criterion == "confidence":
-            return max_probability(probs), prediction
-        if output.distances is None:
+        if self.needs_prototypes and output.distances is None:
             raise PolicyError(f"criterion '{self.criterion}' needs prototype distances, but the head gave none")
-        ratio = distance_ratio(finite, output.distances.float())
-        if self.criterion == "dr":
-            return ratio, prediction
-        return hybrid_indicator(normalized_entropy(probs), ratio, self.lam), prediction
+        name = CRITERION_INDICATORS[self.criterion]
+        if computed:
+            return computed[name], prediction
+        return indicator_value(name, probs, output.distances, self.lam), prediction
 
     def confident(self, indicator: torch.Tensor) -> torch.Tensor:
         """Whether each row is confident at this layer."""
@@ -204,7 +232,7 @@ class ExitPolicy:
             return ExitStep(torch.ones_like(state.streak, dtype=torch.bool), indicator, prediction,
                             ExitState(state.streak, prediction))
         indicator, prediction = self.indicator(output, state.previous)
-        streak = torch.where(self.confident(indicator), state.streak + 1, torch.zeros_like(state.streak))
+        streak = (state.streak + 1) * self.confident(indicator)  # +1 where confident, else back to 0
         exits = streak >= self.patience
         if is_last:
             exits = torch.ones_like(exits)

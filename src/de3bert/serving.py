@@ -1,7 +1,8 @@
 """HTTP prediction service: a FastAPI app that merges concurrent requests into micro-batches and runs
 them through the early-exit engine (rows that exit leave the batch layer by layer).
 
-    de3bert serve runs/demo-sst2 --port 8000
+    de3bert serve runs/demo-sst2 --port 8000          # PyTorch
+    de3bert serve runs/demo-sst2-onnx --port 8000     # an exported folder, on ONNX Runtime
     curl -s localhost:8000/v1/predict -H 'content-type: application/json' \\
          -d '{"inputs": [{"text": "a gripping, funny film"}]}'
 
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import hashlib
 import json
 import logging
 import os
@@ -35,8 +35,10 @@ from starlette.exceptions import HTTPException
 from de3bert.engine import EarlyExitEngine, Prediction
 from de3bert.errors import DataError, De3bertError, PolicyError
 from de3bert.evaluation import criteria_for
-from de3bert.modeling import WEIGHTS_NAME, EarlyExitModel
+from de3bert.modeling import EarlyExitModel
+from de3bert.onnx_model import OnnxEarlyExitModel
 from de3bert.policies import CRITERIA, ExitPolicy
+from de3bert.runtimes import RUNTIMES, load_model, weights_digest
 
 logger = logging.getLogger("de3bert.serving")
 SETTINGS_ENV = "DE3BERT_SERVE_SETTINGS"
@@ -47,7 +49,13 @@ class ServiceSettings:
     """What the service serves, its request limits and its micro-batching knobs."""
 
     checkpoint: str
-    """Checkpoint folder to serve."""
+    """Checkpoint folder, or exported folder (`de3bert export`), to serve."""
+    runtime: str | None = None
+    """"torch" or "onnx" (ONNX Runtime); None: the one the folder was written for."""
+    device: str = "cpu"
+    """Where the model runs: cpu, cuda, cuda:N or auto (a GPU when there is one; an export: the CPU)."""
+    precision: str = "fp32"
+    """Precision of the weights: fp32, bf16, fp16 or auto (fp32 on the CPU, bf16 on a GPU)."""
     max_batch_size: int = 32
     """Most inputs merged into one micro-batch (a larger single request runs alone)."""
     max_wait_ms: float = 0.0
@@ -68,6 +76,8 @@ class ServiceSettings:
                 raise De3bertError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_wait_ms < 0:
             raise De3bertError(f"max_wait_ms must not be negative, got {self.max_wait_ms}")
+        if self.runtime not in (None, *RUNTIMES):
+            raise De3bertError(f"unknown runtime '{self.runtime}'; choose one of {', '.join(RUNTIMES)}")
 
 
 class TextInput(BaseModel):
@@ -155,15 +165,12 @@ class Health(BaseModel):
 
 
 def model_version(checkpoint: str | Path) -> str:
-    """Identifier of the served model: de3bert version + the first 12 hex digits of the weights' SHA-256."""
-    digest = hashlib.sha256()
-    with open(Path(checkpoint) / WEIGHTS_NAME, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return f"de3bert-{version('de3bert')}+{digest.hexdigest()[:12]}"
+    """Identifier of the served model: de3bert version + the first 12 hex digits of the weights' SHA-256
+    (an export's: of its graphs)."""
+    return f"de3bert-{version('de3bert')}+{weights_digest(checkpoint)[:12]}"
 
 
-def served_criteria(model: EarlyExitModel) -> tuple[str, ...]:
+def served_criteria(model: EarlyExitModel | OnnxEarlyExitModel) -> tuple[str, ...]:
     """The criteria a request may ask of this model."""
     return (*criteria_for(model), "full-depth")
 
@@ -190,7 +197,8 @@ def policy_for_speedup(calibration: list[dict], criterion: str, target: float) -
     return ExitPolicy(criterion, threshold, upper["patience"], upper["lam"])
 
 
-def resolve_policy(model: EarlyExitModel, default: ExitPolicy, override: PolicyOverride | None) -> ExitPolicy:
+def resolve_policy(model: EarlyExitModel | OnnxEarlyExitModel, default: ExitPolicy,
+                   override: PolicyOverride | None) -> ExitPolicy:
     """The exit policy of one request: the served default, or the default with the request's changes."""
     if override is None or not override.model_dump(exclude_none=True):
         return default
@@ -404,7 +412,7 @@ def _answer(prediction: Prediction) -> PredictionOut:
 
 def create_app(settings: ServiceSettings) -> FastAPI:
     """The FastAPI app serving one checkpoint (the batching task starts with the app's lifespan)."""
-    model = EarlyExitModel.from_pretrained(settings.checkpoint)
+    model = load_model(settings.checkpoint, settings.runtime, device=settings.device, precision=settings.precision)
     default = ExitPolicy(**model.config.policy) if model.config.policy else ExitPolicy("full-depth")
     engine = EarlyExitEngine(model, default, batch_size=settings.max_batch_size)
     batcher = MicroBatcher(engine, settings.max_batch_size, settings.max_wait_ms, settings.micro_batching)
@@ -484,7 +492,8 @@ def serve(settings: ServiceSettings, host: str = "127.0.0.1", port: int = 8000, 
 
     if workers < 1:
         raise De3bertError(f"workers must be at least 1, got {workers}")
-    EarlyExitModel.from_pretrained(settings.checkpoint)  # a bad checkpoint fails here, once, with a clear message
+    # a bad folder or device fails here, once, with a clear message
+    load_model(settings.checkpoint, settings.runtime, device=settings.device, precision=settings.precision)
     os.environ[SETTINGS_ENV] = json.dumps(asdict(settings))
     log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     log_config["loggers"]["de3bert"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
