@@ -84,6 +84,9 @@ MPNET_BUDGETS = {"sst2": {"max_train_samples": 2000, "epochs": 1}, "rte": {"epoc
 PROTOTYPE_VARIANTS = {"ema": {"prototypes": "ema"}, "learned": {"prototypes": "learned"}}
 MOMENTA = (0.01, 0.1, 0.5)
 HEAD_KEYS = ("prototype_dim", "distance", "pooling", "prototypes", "prototype_momentum")
+# the prototype geometry of a DE³ model, per layer (indicator_analysis.analyse)
+GEOMETRY = ("median_entropy", "median_dr", "edr_follows_dr", "disagreement_rate", "prototype_separation")
+VARIANT_NAMES = {"ema": "running means", "learned": "learned"}
 PLANS = ("main", "mpnet", "stsb", "ablations", "prototypes")
 
 
@@ -228,7 +231,17 @@ def aggregate(folder: Path) -> dict:
     auroc = {key: {c: [statistics.fmean(v) if (v := [s[m] for s in runs if s[m] is not None]) else None
                        for m in range(len(runs[0]))] for c, runs in table.items()}
              for key, table in separation.items()}
-    return {"cells": summary, "auroc": auroc, "runs": [r["run"] for r in reports]}
+    geometry: dict[str, dict[int, dict[str, list[float]]]] = {}
+    for report in reports:
+        key = "-".join(filter(None, (report["backbone"], report["task"], report["variant"])))
+        for row in report.get("geometry", []):
+            layer = geometry.setdefault(key, {}).setdefault(row["layer"], {})
+            for name in GEOMETRY:
+                if row[name] is not None:
+                    layer.setdefault(name, []).append(row[name])
+    geometry_means = {key: [{"layer": layer, **{name: statistics.fmean(values) for name, values in names.items()}}
+                            for layer, names in sorted(layers.items())] for key, layers in geometry.items()}
+    return {"cells": summary, "auroc": auroc, "geometry": geometry_means, "runs": [r["run"] for r in reports]}
 
 
 def _cell(summary: dict, backbone: str, task: str, method: str, target: float, variant: str = "") -> str:
@@ -262,29 +275,53 @@ def markdown_table(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_task(summary: dict, backbone: str, task: str, path: Path) -> None:
-    """Calibrated points (mean ± std over seeds) of the headline methods on one task."""
+def _rows(summary: dict, backbone: str, task: str, method: str, variant: str = "") -> list[dict]:
+    """The calibrated cells of one method (and variant) on one task, in target order."""
+    return [r for r in summary["cells"] if (r["backbone"], r["task"], r["method"], r["variant"]) ==
+            (backbone, task, method, variant)]
+
+
+def plot_series(series: list[tuple[str, list[dict]]], full_depth: tuple[str, float] | None, title: str,
+                path: Path) -> None:
+    """Calibrated points (mean ± std over seeds) of labelled series of cells, with a full-depth line."""
     figure, axis = plt.subplots(figsize=(6.5, 4.5))
-    for method in HEADLINE:
-        rows = [r for r in summary["cells"] if (r["backbone"], r["task"], r["method"], r["variant"]) ==
-                (backbone, task, method, "")]
+    for label, rows in series:
         if rows:
             axis.errorbar([r["speedup"]["mean"] for r in rows], [r["metric"]["mean"] for r in rows],
-                          yerr=[r["metric"]["std"] for r in rows], marker="o", capsize=3, label=method)
-    for recipe, name in (("de3", "DE³"), ("pabee", "PABEE")):  # regression tasks have no DE³ model
-        full = [r for r in summary["cells"] if (r["backbone"], r["task"], r["method"], r["variant"]) ==
-                (backbone, task, f"full depth ({recipe})", "")]
-        if full:
-            axis.axhline(full[0]["metric"]["mean"], color="grey", linestyle="--", label=f"full depth ({name} model)")
-            break
+                          yerr=[r["metric"]["std"] for r in rows], marker="o", capsize=3, label=label)
+    if full_depth is not None:
+        axis.axhline(full_depth[1], color="grey", linestyle="--", label=full_depth[0])
     axis.set_xlabel("layer speed-up (calibrated on held-out train slice, measured on dev)")
     axis.set_ylabel("dev metric")
-    axis.set_title(f"{backbone} / {task}: accuracy at equal speed-up")
+    axis.set_title(title)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def plot_task(summary: dict, backbone: str, task: str, path: Path) -> None:
+    """Calibrated points of the headline methods on one task."""
+    full = None
+    for recipe, name in (("de3", "DE³"), ("pabee", "PABEE")):  # regression tasks have no DE³ model
+        rows = _rows(summary, backbone, task, f"full depth ({recipe})")
+        if rows:
+            full = (f"full depth ({name} model)", rows[0]["metric"]["mean"])
+            break
+    plot_series([(method, _rows(summary, backbone, task, method)) for method in HEADLINE], full,
+                f"{backbone} / {task}: accuracy at equal speed-up", path)
+
+
+def plot_prototypes(summary: dict, backbone: str, task: str, path: Path) -> None:
+    """EDR and entropy on DE³ models with running-mean and with learned prototypes, beside the baselines."""
+    reference = _reference_summary(backbone)
+    series = [(f"{method} ({VARIANT_NAMES[variant]} prototypes)", _rows(summary, backbone, task, method, variant))
+              for method in ("DE³ (EDR)", "entropy on DE³") for variant in VARIANT_NAMES]
+    series += [(f"{method} (earlier study)", _rows(reference, backbone, task, method)) for method in ("DeeBERT", "PCEE")]
+    full = _rows(summary, backbone, task, "full depth (de3)", "ema")
+    plot_series(series, ("full depth (DE³, running means)", full[0]["metric"]["mean"]) if full else None,
+                f"{backbone} / {task}: running-mean vs learned prototypes", path)
 
 
 def ablation_table(summary: dict) -> str:
@@ -308,14 +345,75 @@ def ablation_table(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _reference_summary(backbone: str) -> dict:
+    """The baselines' cells for the side-by-side tables: the main plan's (MiniLM) or the mpnet plan's summary."""
+    path = RESULTS / ("mpnet" if backbone == "mpnet-base" else "main") / "summary.json"
+    return json.loads(path.read_text()) if path.exists() else {"cells": [], "auroc": {}}
+
+
+def prototype_tables(summary: dict) -> str:
+    """The prototypes plan: running-mean against learned prototypes side by side, with the baselines of the main
+    (or mpnet) plan, the γ runs, per-layer AUROC and the prototype geometry."""
+    pairs = sorted({(r["backbone"], r["task"]) for r in summary["cells"] if r["variant"] in PROTOTYPE_VARIANTS})
+    if not pairs:
+        return ""
+    lines = []
+    for backbone, task in pairs:
+        reference = _reference_summary(backbone)
+        lines += [f"\n**{backbone} / {task}** — dev metric ×100, mean ± std over seeds (measured speed-up)\n",
+                  "| method | prototypes | " + " | ".join(f"{t:g}x" for t in TARGET_SPEEDUPS) + " |",
+                  "|---|---|" + "---|" * len(TARGET_SPEEDUPS)]
+        for method, _, _ in METHODS["de3"]:
+            for variant, name in VARIANT_NAMES.items():
+                cells = [_cell(summary, backbone, task, method, t, variant) for t in TARGET_SPEEDUPS]
+                lines.append(f"| {method} | {name} | " + " | ".join(cells) + " |")
+            old = [_cell(reference, backbone, task, method, t) for t in TARGET_SPEEDUPS]
+            if any(c != "–" for c in old):
+                lines.append(f"| {method} | learned, with last-layer prototypes (earlier study) | "
+                             + " | ".join(old) + " |")
+        for method in ("DeeBERT", "PABEE", "PCEE"):
+            cells = [_cell(reference, backbone, task, method, t) for t in TARGET_SPEEDUPS]
+            if any(c != "–" for c in cells):
+                lines.append(f"| {method} | – (earlier study) | " + " | ".join(cells) + " |")
+        for variant, name in VARIANT_NAMES.items():
+            full = _cell(summary, backbone, task, "full depth (de3)", 1.0, variant)
+            oracle = _cell(summary, backbone, task, "oracle (DE³ model)", 0.0, variant)
+            lines.append(f"| full depth / oracle | {name} | {full} | {oracle} | |")
+        layers = max((len(scores) for variant in VARIANT_NAMES
+                      for scores in summary["auroc"].get(f"{backbone}-{task}-{variant}", {}).values()), default=0)
+        lines += ["", "AUROC of each indicator against a correct exit, per layer (mean over seeds):", "",
+                  "| indicator | prototypes | " + " | ".join(f"L{m}" for m in range(1, layers + 1)) + " |",
+                  "|---|---|" + "---|" * layers]
+        for criterion in ("entropy", "edr", "dr"):
+            for variant, name in VARIANT_NAMES.items():
+                scores = summary["auroc"].get(f"{backbone}-{task}-{variant}", {}).get(criterion)
+                if scores:
+                    lines.append(f"| {criterion} | {name} | " + " | ".join(
+                        "–" if v is None else f"{v:.3f}" for v in scores) + " |")
+        lines += ["", "Prototype geometry, per layer with prototypes (mean over seeds): median Ent / median DR, share "
+                      "of inputs where DR < Ent (EDR follows DR), classifier and nearest prototype disagreeing, "
+                      "distance between prototypes ÷ distance of an input to its own:", "",
+                  "| prototypes | layer | median Ent | median DR | EDR follows DR | disagreement | separation |",
+                  "|---|---|---|---|---|---|---|"]
+        for variant, name in VARIANT_NAMES.items():
+            for row in summary["geometry"].get(f"{backbone}-{task}-{variant}", []):
+                lines.append(f"| {name} | {row['layer']} | {row['median_entropy']:.3f} | {row['median_dr']:.3f} | "
+                             f"{100 * row['edr_follows_dr']:.0f} % | {100 * row['disagreement_rate']:.1f} % | "
+                             f"{row['prototype_separation']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def report(folder: Path) -> None:
     """Aggregate folder's finished runs into summary.json, table.md and per-task PNGs."""
     summary = aggregate(folder)
-    table = markdown_table(summary) + ablation_table(summary)
+    table = markdown_table(summary) + ablation_table(summary) + prototype_tables(summary)
     (folder / "summary.json").write_text(json.dumps(summary, indent=2))
     (folder / "table.md").write_text(table)
     for backbone, task in sorted({(r["backbone"], r["task"]) for r in summary["cells"] if not r["variant"]}):
         plot_task(summary, backbone, task, folder / f"{backbone}-{task}.png")
+    for backbone, task in sorted({(r["backbone"], r["task"]) for r in summary["cells"]
+                                  if r["variant"] in PROTOTYPE_VARIANTS}):
+        plot_prototypes(summary, backbone, task, folder / f"{backbone}-{task}.png")
     print(table)
 
 

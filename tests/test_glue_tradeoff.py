@@ -23,6 +23,13 @@ def test_plans_cover_every_recipe_and_seed():
     assert {r.overrides["max_train_samples"] for r in mpnet if r.task == "sst2"} == {2000}  # subsampled, said in docs
     stsb = plan("stsb")
     assert {(r.recipe, r.seed) for r in stsb} == {(m, s) for m in ("pabee", "deebert") for s in (42, 43, 44)}
+    prototypes = plan("prototypes")
+    assert len({r.name for r in prototypes}) == len(prototypes) and {r.recipe for r in prototypes} == {"de3"}
+    side_by_side = {(r.backbone, r.task, r.seed) for r in prototypes if r.variant == "ema"}
+    assert side_by_side == {(r.backbone, r.task, r.seed) for r in prototypes if r.variant == "learned"}
+    assert {(t, s) for b, t, s in side_by_side if b == "minilm-l6"} == {(r.task, r.seed) for r in main}
+    assert {t for b, t, _ in side_by_side if b == "mpnet-base"} == {"sst2", "rte"}
+    assert len({r.overrides["prototype_momentum"] for r in prototypes if "prototype_momentum" in r.overrides}) >= 3
 
 
 def test_evaluate_run_and_aggregate_over_seeds(tiny_checkpoint, glue_dir, tmp_path):
@@ -51,6 +58,22 @@ def test_evaluate_run_and_aggregate_over_seeds(tiny_checkpoint, glue_dir, tmp_pa
     auroc = [v for v in report["separation"]["edr"] if v is not None]
     assert f"{sum(auroc) / len(auroc):.3f}" in row
     plot_task(summary, "tiny", "sst2", tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 10_000
+    assert {row["layer"] for row in summary["geometry"]["tiny-sst2"]} == {1, 2, 3}  # no prototypes on layer 4
+
+
+def test_the_prototypes_plan_reports_both_kinds_side_by_side(tiny_checkpoint, glue_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(glue_tradeoff, "RESULTS", tmp_path)  # no earlier study to set beside it
+    report = evaluate_run(Run("sst2", "tiny", "de3", 42, "ema"), tiny_checkpoint, str(glue_dir))
+    learned = copy.deepcopy(report) | {"variant": "learned", "run": "tiny-sst2-de3-learned-s42", "full_depth": 0.25}
+    (tmp_path / "runs").mkdir()
+    for data in (report, learned):
+        (tmp_path / "runs" / f"{data['run']}.json").write_text(json.dumps(data))
+    tables = glue_tradeoff.prototype_tables(aggregate(tmp_path))
+    assert "| DE³ (EDR) | running means |" in tables and "| DE³ (EDR) | learned |" in tables
+    assert "| full depth / oracle | learned | 25.0 (1.00x)" in tables
+    assert "| running means | 3 |" in tables and "| learned | 4 |" not in tables  # geometry of layers 1–3
+    glue_tradeoff.plot_prototypes(aggregate(tmp_path), "tiny", "sst2", tmp_path / "plot.png")
     assert (tmp_path / "plot.png").stat().st_size > 10_000
 
 
