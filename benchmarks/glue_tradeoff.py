@@ -129,7 +129,9 @@ def plan(name: str) -> list[Run]:
         momenta.append(Run("sst2", "minilm-l6", "de3", 42, "4k-learned", {"max_train_samples": 4000,
                                                                           "prototypes": "learned"}))
         rest = [run for seed in (43, 44) for task in ("rte", "cola") for run in side_by_side(task, "minilm-l6", seed)]
-        return first + mpnet + momenta + rest
+        # then more seeds where the mechanism made the largest difference (MPNet-12 on the SST-2 subsample)
+        mpnet_seeds = [run for seed in (43, 44) for run in side_by_side("sst2", "mpnet-base", seed, MPNET_BUDGETS["sst2"])]
+        return first + mpnet + momenta + rest + mpnet_seeds
     if name == "stsb":
         return [Run("stsb", "minilm-l6", recipe, seed) for seed in (42, 43, 44) for recipe in REGRESSION_METHODS]
     if name == "ablations":

@@ -3,7 +3,8 @@ import shutil
 import pytest
 import torch
 
-from de3bert.benchmark import BenchSettings, head_flops_fraction, plain_hf_model, plot_benchmark, run_benchmark
+from de3bert.benchmark import (BenchSettings, head_flops_fraction, plain_hf_model, plot_benchmark, run_benchmark,
+                               running_order)
 from de3bert.errors import CheckpointError
 from de3bert.modeling import EarlyExitModel
 from tests.conftest import padded_batch
@@ -75,3 +76,12 @@ def test_benchmark_of_an_export_needs_its_checkpoint(tiny_checkpoint, tiny_expor
 def test_head_flops_are_small_relative_to_a_layer(tiny_checkpoint):
     model = EarlyExitModel.from_pretrained(tiny_checkpoint)
     assert 0 < head_flops_fraction(model, 64) < 0.1
+
+
+def test_systems_run_in_a_fresh_order_for_every_unit_and_no_system_always_follows_the_same_one():
+    systems = ["plain PyTorch", "plain ORT", "ours PyTorch", "ours ORT"]
+    orders = [running_order(systems, unit, repeat) for repeat in range(2) for unit in range(50)]
+    assert all(sorted(order) == sorted(systems) for order in orders)
+    assert running_order(systems, 7, 1) == running_order(systems, 7, 1)  # seeded: a rerun times the same orders
+    predecessors = {(order[i - 1], order[i]) for order in orders for i in range(1, len(order))}
+    assert all(len({a for a, b in predecessors if b == s}) == len(systems) - 1 for s in systems)

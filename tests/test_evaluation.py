@@ -6,6 +6,7 @@ from de3bert.errors import DataError, PolicyError
 from de3bert.evaluation import (LayerOutputs, calibrate, calibrated_table, candidate_policies, choose_policy,
                                 evaluate_checkpoint, evaluate_policy, most_conservative, indicator_auroc, layer_metrics,
                                 oracle, sweep)
+from de3bert.model_card import describe_choice
 from de3bert.policies import ExitPolicy
 
 SST2 = get_task("sst2")
@@ -125,8 +126,14 @@ def test_the_default_criterion_is_the_calibration_winner(entropy_knows, winner):
     best, other = record["standings"]
     assert (best["criterion"], best["metric"]) == (winner, 1.0) and other["metric"] == 0.5
     assert evaluate_policy(policy, outputs, SST2)["accuracy"] == 1.0
+    expected = ("dr, the recipe's own, scores best" if winner == "dr" else "entropy scores best") + \
+        " on the calibration split at 1.33x (calibration accuracy 1.0000 at "
+    assert describe_choice(record).startswith(expected)
+    assert describe_choice(record).endswith("+0.5000 against entropy" if winner == "dr" else
+                                            "+0.5000 against the recipe's own dr")
     forced, record = choose_policy(("dr", "entropy"), outputs, SST2, 4 / 3, preferred="entropy", forced=True)
     assert forced.criterion == "entropy" and record["forced"]
+    assert describe_choice(record).startswith("entropy, as asked by --criterion")
 
 
 def test_a_tie_goes_to_the_recipes_own_criterion_and_an_unreachable_target_to_its_fastest_policy():
@@ -134,6 +141,7 @@ def test_a_tie_goes_to_the_recipes_own_criterion_and_an_unreachable_target_to_it
     policy, record = choose_policy(("entropy", "confidence"), outputs, SST2, 1.2, preferred="confidence")
     assert record["standings"][0]["metric"] == record["standings"][1]["metric"]  # two classes: the same exits
     assert policy.criterion == "confidence"
+    assert describe_choice(record).startswith("confidence, the recipe's own, ties with entropy on the calibration")
     policy, record = choose_policy(("entropy", "confidence"), outputs, SST2, 5.0, preferred="entropy")
     assert policy.criterion == "entropy" and all("error" in row for row in record["standings"])
     assert evaluate_policy(policy, outputs, SST2)["speedup"] == pytest.approx(3.0)

@@ -1,9 +1,10 @@
 """Wall-clock benchmark: the plain model a user would otherwise deploy against our early-exit engine.
 
 All systems run side by side in one process on the same inputs, with the same thread count,
-interleaved unit by unit so that machine noise hits them alike. On a PyTorch checkpoint the systems
-are the stock Hugging Face model of the same backbone and weights ("plain PyTorch") and our engine
-on PyTorch at full depth, computing every head without exiting, and at calibrated layer speed-ups.
+interleaved unit by unit in a fresh random order so that machine noise hits them alike. On a PyTorch
+checkpoint the systems are the stock Hugging Face model of the same backbone and weights ("plain
+PyTorch") and our engine on PyTorch at full depth, computing every head without exiting, and at
+calibrated layer speed-ups.
 On an exported folder (`de3bert export`) the same systems also run on ONNX Runtime: the stock model
 exported whole, traced, optimized (and quantized) like our graphs ("plain ORT", the reference a user
 deploying on the CPU would pick), and our engine on the exported graphs; the PyTorch systems come
@@ -24,6 +25,7 @@ wall-clock speed-up, and our systems' metric on the batched inputs next to both.
 
 from __future__ import annotations
 
+import random
 import statistics
 import tempfile
 import time
@@ -191,6 +193,15 @@ def _ort_label(quantization: str | None) -> str:
     return "ORT" if quantization is None else f"ORT {quantization}"
 
 
+def running_order(systems: list, unit: int, repeat: int) -> list:
+    """The systems in a fresh random order for one unit of one pass (seeded, so runs repeat): drift spreads evenly
+    and no system always follows the same one (a system that leaves the machine busy — a thread pool still
+    spinning, caches evicted — would otherwise always slow the same successor)."""
+    order = list(systems)
+    random.Random(unit * 1_000_003 + repeat).shuffle(order)
+    return order
+
+
 def run_benchmark(folder: str | Path, task_name: str | None = None, data_dir: str | None = None,
                   settings: BenchSettings | None = None, progress: bool = True) -> dict:
     """Latency (batch 1) and throughput (batched, pooled) of every system; returns a JSON-ready report."""
@@ -237,8 +248,7 @@ def run_benchmark(folder: str | Path, task_name: str | None = None, data_dir: st
             for repeat in range(settings.repeats):
                 for index, unit in enumerate(tqdm(prepared, desc=f"{desc} pass {repeat + 1}",
                                                   disable=not progress, leave=False)):
-                    shift = (index + repeat) % len(systems)  # rotate the order to spread drift evenly
-                    for system in systems[shift:] + systems[:shift]:
+                    for system in running_order(systems, index, repeat):
                         started = time.perf_counter()
                         result = system.run(*unit)
                         synchronize(device)  # a GPU may still be computing what the call queued

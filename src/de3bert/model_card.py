@@ -10,7 +10,7 @@ def describe_choice(selection: dict) -> str:
     """One sentence saying which criterion a `choose_policy` record (evaluation.py) picked, and by how much."""
     rows = {r["criterion"]: r for r in selection["standings"]}
     winner, preferred, metric = selection["criterion"], selection["preferred"], selection["metric"]
-    target = f"{selection['target_speedup']:g}x"
+    target = f"{selection['target_speedup']:.3g}x"
     if "metric" not in rows[winner]:
         return f"{rows[winner]['error']}; the default exit policy is the fastest reachable one"
     score = f"calibration {metric} {rows[winner]['metric']:.4f} at {rows[winner]['speedup']:.2f}x"
@@ -20,6 +20,9 @@ def describe_choice(selection: dict) -> str:
         return f"{winner}, as asked by --criterion ({score}{beaten})"
     others = [r for r in selection["standings"] if r["criterion"] != winner and "metric" in r]
     if winner == preferred:
+        if others and others[0]["metric"] == rows[winner]["metric"]:
+            return (f"{winner}, the recipe's own, ties with {others[0]['criterion']} on the calibration split at "
+                    f"{target} ({score}) and is kept")
         margin = f", {rows[winner]['metric'] - others[0]['metric']:+.4f} against {others[0]['criterion']}" if others else ""
         return f"{winner}, the recipe's own, scores best on the calibration split at {target} ({score}){margin}"
     own = rows[preferred]
