@@ -36,8 +36,9 @@ import torch  # noqa: E402
 from transformers import AutoModelForSequenceClassification, get_linear_schedule_with_warmup  # noqa: E402
 
 from de3bert.backbones import resolve_backbone  # noqa: E402
+from de3bert.benchmark import running_order  # noqa: E402
 from de3bert.data import Collator, encode_examples, load_split, subsample  # noqa: E402
-from de3bert.devices import resolve_device, resolve_precision  # noqa: E402
+from de3bert.devices import resolve_device, resolve_precision, synchronize  # noqa: E402
 from de3bert.evaluation import collect_layer_outputs  # noqa: E402
 from de3bert.modeling import EarlyExitModel, ExitHeadConfig  # noqa: E402
 from de3bert.phase_timer import PhaseTimer  # noqa: E402
@@ -128,19 +129,12 @@ def build_systems(backbone: str, args: TrainingArguments, examples: Examples, de
     return systems
 
 
-def _wait(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_steps(systems: dict, batches: list[list[int]], device: torch.device, warmup: int) -> dict[str, list[float]]:
-    """Seconds of every step of every system, interleaved step by step (the order rotates every step)."""
-    names = list(systems)
-    seconds = {name: [] for name in names}
+    """Seconds of every step of every system, interleaved step by step in a fresh random order every step."""
+    seconds = {name: [] for name in systems}
     for index, batch in enumerate(batches):
-        shift = index % len(names)
-        for name in names[shift:] + names[:shift]:
-            _wait(device)
+        for name in running_order(list(systems), index, 0):
+            synchronize(device)
             started = time.perf_counter()
             systems[name].step(batch).item()  # reading the loss waits for the step, as a logging loop would
             if index >= warmup:
@@ -166,7 +160,7 @@ def extras(system: OurStep, dev, step_seconds: float, save_every_steps: int, dev
     """What our loop does besides steps, in seconds and as a share of a demo-sized epoch."""
     trainer, run = system.trainer, system.run
     unwrapped = trainer.accelerator.unwrap_model(run.model)
-    _wait(device)
+    synchronize(device)
     started = time.perf_counter()
     collect_layer_outputs(unwrapped, dev, trainer.args.eval_batch_size)
     scoring = time.perf_counter() - started
