@@ -43,10 +43,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from benchmarks import indicator_analysis  # noqa: E402
 from de3bert.data import encode_examples, load_split, main_metric  # noqa: E402
-from de3bert.evaluation import (TARGET_SPEEDUPS, calibrated_table, calibration_examples,  # noqa: E402
-                                collect_layer_outputs, indicator_auroc, layer_metrics, oracle)
-from de3bert.modeling import EarlyExitModel, ExitHeadConfig  # noqa: E402
-from de3bert.training import TrainingArguments, train  # noqa: E402
+from de3bert.evaluation.report import oracle  # noqa: E402
+from de3bert.evaluation.run_data import calibration_examples  # noqa: E402
+from de3bert.evaluation.separation import indicator_auroc  # noqa: E402
+from de3bert.exits.calibration import TARGET_SPEEDUPS, calibrated_table  # noqa: E402
+from de3bert.exits.outputs import collect_layer_outputs, layer_metrics  # noqa: E402
+from de3bert.model.config import ExitHeadConfig  # noqa: E402
+from de3bert.model.modeling import EarlyExitModel  # noqa: E402
+from de3bert.training.arguments import TrainingArguments  # noqa: E402
+from de3bert.training.launch import train  # noqa: E402
 
 RESULTS = Path("results") / "glue_tradeoff"
 CACHE = Path("results") / "cache" / "tradeoff"

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from de3bert.backbones import count_parameters, load_backbone
-from de3bert.heads import ExitHead
-from de3bert.policies import ExitPolicy
+from de3bert.exits.policies import ExitPolicy
+from de3bert.model.backbones import count_parameters, load_backbone
+from de3bert.model.heads import ExitHead
 
 RESULTS = Path("results") / "head_cost"
 

@@ -42,11 +42,13 @@ from sklearn.metrics import roc_auc_score  # noqa: E402
 
 from de3bert.data import TaskSpec, compute_metrics, encode_examples, load_split, main_metric  # noqa: E402
 from de3bert.errors import PolicyError  # noqa: E402
-from de3bert.evaluation import (TARGET_SPEEDUPS, LayerOutputs, calibration_examples, collect_layer_outputs,  # noqa: E402
-                                most_conservative, threshold_grid)
-from de3bert.heads import prototype_distances  # noqa: E402
-from de3bert.modeling import EarlyExitModel  # noqa: E402
-from de3bert.policies import distance_ratio, hybrid_indicator, normalized_entropy, speedup_ratio  # noqa: E402
+from de3bert.evaluation.run_data import calibration_examples  # noqa: E402
+from de3bert.exits.calibration import TARGET_SPEEDUPS, most_conservative, threshold_grid  # noqa: E402
+from de3bert.exits.indicators import distance_ratio, hybrid_indicator, normalized_entropy  # noqa: E402
+from de3bert.exits.outputs import LayerOutputs, collect_layer_outputs  # noqa: E402
+from de3bert.exits.policies import speedup_ratio  # noqa: E402
+from de3bert.model.heads import prototype_distances  # noqa: E402
+from de3bert.model.modeling import EarlyExitModel  # noqa: E402
 
 RESULTS = Path("results") / "indicators"
 LAMBDAS = (0.5, 1.0, 2.0)

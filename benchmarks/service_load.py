@@ -36,8 +36,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from de3bert.data import load_split  # noqa: E402
-from de3bert.engine import EarlyExitEngine  # noqa: E402
-from de3bert.modeling import EarlyExitModel  # noqa: E402
+from de3bert.exits.engine import EarlyExitEngine  # noqa: E402
+from de3bert.model.modeling import EarlyExitModel  # noqa: E402
 
 OUT = Path("results") / "service"
 DISTINCT_INPUTS = 256

@@ -35,14 +35,18 @@ if __package__ in (None, ""):  # run as a script: the repository root holds the 
 import torch  # noqa: E402
 from transformers import AutoModelForSequenceClassification, get_linear_schedule_with_warmup  # noqa: E402
 
-from de3bert.backbones import resolve_backbone  # noqa: E402
-from de3bert.benchmark import running_order  # noqa: E402
+from de3bert.apps.bench import running_order  # noqa: E402
 from de3bert.data import Collator, encode_examples, load_split, subsample  # noqa: E402
 from de3bert.devices import resolve_device, resolve_precision, synchronize  # noqa: E402
-from de3bert.evaluation import collect_layer_outputs  # noqa: E402
-from de3bert.modeling import EarlyExitModel, ExitHeadConfig  # noqa: E402
-from de3bert.phase_timer import PhaseTimer  # noqa: E402
-from de3bert.training import RECIPES, Trainer, TrainingArguments, training_accelerator  # noqa: E402
+from de3bert.exits.outputs import collect_layer_outputs  # noqa: E402
+from de3bert.model.backbones import resolve_backbone  # noqa: E402
+from de3bert.model.config import ExitHeadConfig  # noqa: E402
+from de3bert.model.modeling import EarlyExitModel  # noqa: E402
+from de3bert.training import RECIPES  # noqa: E402
+from de3bert.training.arguments import TrainingArguments  # noqa: E402
+from de3bert.training.distributed import Placement, training_accelerator  # noqa: E402
+from de3bert.training.phase_timer import PhaseTimer  # noqa: E402
+from de3bert.training.trainer import Trainer  # noqa: E402
 
 RESULTS = Path("results") / "train_throughput"
 PHASES = ("data", "forward", "backward", "optimizer")
@@ -55,7 +59,8 @@ class PlainLoop:
     """The usual fine-tuning loop of a Hugging Face sequence classifier, phases timed like our trainer's."""
 
     def __init__(self, backbone: str, args: TrainingArguments, examples, total_steps: int):
-        self.accelerator = training_accelerator(args.device, args.precision)
+        self.placement = Placement.resolve(args.device, args.precision)
+        self.accelerator, self.scaler = training_accelerator(self.placement), self.placement.grad_scaler()
         model = AutoModelForSequenceClassification.from_pretrained(resolve_backbone(backbone), num_labels=2)
         decay = [p for n, p in model.named_parameters() if not (n.endswith("bias") or "LayerNorm" in n)]
         rest = [p for n, p in model.named_parameters() if n.endswith("bias") or "LayerNorm" in n]
@@ -72,13 +77,15 @@ class PlainLoop:
         with self.timer.phase("data"):
             batch = self.collator([self.examples[i] for i in indices])
             batch = {k: v.to(self.accelerator.device, non_blocking=True) for k, v in batch.items()}
-        with self.timer.phase("forward"):
+        with self.timer.phase("forward"), self.placement.autocast():
             loss = self.model(**batch).loss
         with self.timer.phase("backward"):
-            self.accelerator.backward(loss)
+            self.accelerator.backward(self.scaler.scale(loss))
         with self.timer.phase("optimizer"):
+            self.scaler.unscale_(self.optimizer)
             self.accelerator.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
-            self.optimizer.step()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()

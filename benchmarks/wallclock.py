@@ -23,12 +23,13 @@ import argparse
 import json
 from pathlib import Path
 
-from de3bert.benchmark import BenchSettings, plot_benchmark, run_benchmark
+from de3bert.apps.bench import BenchSettings, plot_benchmark, run_benchmark
+from de3bert.apps.runtimes import weights_digest
 from de3bert.errors import CheckpointError
-from de3bert.onnx_export import export_checkpoint
-from de3bert.onnx_model import read_export_info
-from de3bert.runtimes import weights_digest
-from de3bert.training import TrainingArguments, train
+from de3bert.onnx.export import export_checkpoint
+from de3bert.onnx.format import read_export_info
+from de3bert.training.arguments import TrainingArguments
+from de3bert.training.launch import train
 
 RESULTS = Path("results")
 # Training budgets sized for a 2-core CPU; SST-2 is subsampled.

