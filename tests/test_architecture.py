@@ -88,8 +88,8 @@ def test_the_service_loads_neither_scikit_learn_nor_matplotlib():
 
 
 def test_the_public_names_import_from_the_package():
-    from de3bert import (CRITERIA, EarlyExitEngine, EarlyExitModel, ExitPolicy, TrainingArguments, load_model,
-                         resume, train)
+    from de3bert import (CRITERIA, EarlyExitEngine, EarlyExitModel, ExitPolicy, TrainingArguments, load_model, resume,
+                         train)
     from de3bert.apps.runtimes import load_model as runtime_load_model
     from de3bert.exits.engine import EarlyExitEngine as engine_class
 

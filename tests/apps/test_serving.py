@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import httpx
@@ -19,6 +20,7 @@ from de3bert.apps.serving.settings import ServiceSettings
 from de3bert.errors import De3bertError
 from de3bert.exits.calibration import policy_for_speedup
 from de3bert.exits.engine import EarlyExitEngine
+from de3bert.exits.explain import explain_exits, indicator_reading
 from de3bert.exits.policies import ExitPolicy
 from de3bert.model.modeling import EarlyExitModel
 from tests.conftest import TICKETS, tiny_model
@@ -84,6 +86,38 @@ def test_answers_equal_the_engine(client, engine, texts, caplog):
     assert body["policy"] == engine.policy.to_dict()
     assert body["model_version"].startswith("de3bert-0.1.0+") and len(body["model_version"].split("+")[1]) == 12
     assert f"predict inputs={len(texts)} batch=" in caplog.text and "exit_layers=" in caplog.text
+
+
+def test_requests_without_explain_are_answered_as_before(client):
+    body = predict(client, TEXTS).json()
+    assert set(body) == {"model_version", "policy", "predictions"}
+    for answer in body["predictions"]:
+        assert set(answer) == {"label", "score", "probabilities", "exit_layer", "indicator"}
+    assert predict(client, TEXTS, explain=False).json() == body
+
+
+@pytest.mark.parametrize("policy", [None, {"criterion": "entropy", "threshold": 0.999, "patience": 2},
+                                    {"criterion": "patience", "patience": 2}, {"criterion": "full-depth"}])
+def test_explain_gives_the_layers_each_input_passed_through(client, engine, policy):
+    extra = {"policy": policy} if policy else {}
+    plain = predict(client, TEXTS, **extra).json()
+    body = predict(client, TEXTS, explain=True, **extra).json()
+    applied = ExitPolicy(**body["policy"])
+    reading = indicator_reading(applied)
+    expected = explain_exits(engine.model, applied, TEXTS)
+    for answer, without, explanation in zip(body["predictions"], plain["predictions"], expected):
+        explained = answer.pop("explain")
+        assert answer == without  # the answer itself is the engine's, as without explain
+        assert {k: v for k, v in explained.items() if k != "layers"} == asdict(reading)
+        layers = explained["layers"]
+        assert [layer["layer"] for layer in layers] == list(range(1, answer["exit_layer"] + 1))
+        assert explanation.exit_layer == answer["exit_layer"]  # the every-head pass stops where the engine did
+        for layer, trace in zip(layers, explanation.layers):
+            assert layer["label"] == trace.label and layer["score"] is None and layer["streak"] == trace.streak
+            assert layer["probabilities"] == pytest.approx(trace.probabilities, abs=1e-6)
+            assert layer["indicator"] == pytest.approx(trace.indicator, abs=1e-6)
+        assert layers[-1]["indicator"] == pytest.approx(answer["indicator"], abs=1e-5)
+        assert layers[-1]["label"] == answer["label"]
 
 
 def test_text_pairs_equal_the_engine(client, engine):
@@ -224,6 +258,7 @@ def test_health_and_model_description(client):
     assert health["status"] == "ok" and health["model_version"].startswith("de3bert-")
     body = client.get("/v1/model").json()
     assert body["labels"] == ["neg", "pos"] and body["num_layers"] == 4 and body["task"] == "tiny"
+    assert body["text_pairs"] is False
     assert body["backbone"] == "tiny-bert" and body["calibration"] == CALIBRATION
     assert body["policy"] == {"criterion": "edr", "threshold": 0.5, "patience": 1, "lam": 1.0}
     assert body["criteria"] == ["edr", "entropy", "confidence", "dr", "patience", "pcee", "full-depth"]
@@ -252,6 +287,12 @@ def test_regression_model_answers_with_scores(tmp_path, tokenizer):
         expected = EarlyExitEngine(EarlyExitModel.from_pretrained(folder)).predict(TEXTS, PAIRS)
         assert [a["score"] for a in answers] == pytest.approx([e.label for e in expected], abs=1e-5)
         assert all(a["label"] is None and a["probabilities"] is None for a in answers)
+        for explained, answer in zip(predict(client, TEXTS, PAIRS, explain=True).json()["predictions"], answers):
+            reading = explained.pop("explain")
+            assert explained == answer and reading["indicator"] == "score_change"
+            assert reading["layers"][-1]["score"] == pytest.approx(answer["score"], abs=1e-5)
+            assert reading["layers"][0]["indicator"] is None  # no score before layer 1 to compare with
+            assert all(layer["label"] is None and layer["probabilities"] is None for layer in reading["layers"])
         response = predict(client, TEXTS, PAIRS, policy={"criterion": "edr"})
         assert response.status_code == 422
         assert response.json()["error"] == ("criterion 'edr' does not apply to this model; "
@@ -272,6 +313,13 @@ def test_an_exported_folder_is_served_on_onnx_runtime(checkpoint, tmp_path):
         # the same answers as the PyTorch checkpoint it was exported from
         on_torch = EarlyExitEngine(EarlyExitModel.from_pretrained(checkpoint)).predict(TEXTS)
         assert_equal_answers(response.json()["predictions"], on_torch)
+        # explanations read the exported heads with the request's own λ, as the engine does
+        explained = predict(client, TEXTS, explain=True, policy={"lam": 2.0}).json()["predictions"]
+        expected = explain_exits(EarlyExitModel.from_pretrained(checkpoint), ExitPolicy("edr", 0.5, lam=2.0), TEXTS)
+        for answer, explanation in zip(explained, expected):
+            assert [layer["indicator"] for layer in answer["explain"]["layers"]] == pytest.approx(
+                [trace.indicator for trace in explanation.layers[:answer["exit_layer"]]], abs=1e-5)
+        assert client.get("/").headers["content-type"].startswith("text/html")  # the page, on ONNX Runtime too
         body = client.get("/v1/model").json()
         assert body["num_layers"] == 4 and body["calibration"] == CALIBRATION and body["criteria"][0] == "edr"
         assert body["model_version"] == model_version(tmp_path / "onnx") != model_version(checkpoint)

@@ -4,17 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from de3bert.data import (
-    Example,
-    get_task,
-    load_split,
-    read_glue_split,
-    read_hub_split,
-    read_table,
-    resolve_glue_dir,
-    split_off,
-    subsample,
-)
+from de3bert.data import (Example, get_task, load_split, read_glue_split, read_hub_split, read_table, resolve_glue_dir,
+                          split_off, subsample)
 from de3bert.errors import DataError
 
 STSB_HEADER = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore"

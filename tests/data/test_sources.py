@@ -2,19 +2,8 @@ from collections import Counter
 
 import pytest
 
-from de3bert.data import (
-    Columns,
-    DatasetSource,
-    Example,
-    FileSource,
-    GlueSource,
-    as_source,
-    load_run_data,
-    recorded_columns,
-    recorded_source,
-    source_from_dict,
-    with_location,
-)
+from de3bert.data import (Columns, DatasetSource, Example, FileSource, GlueSource, as_source, load_run_data,
+                          recorded_columns, recorded_source, source_from_dict, with_location)
 from de3bert.errors import DataError
 from tests.conftest import TICKETS, write_sst2, write_tickets
 

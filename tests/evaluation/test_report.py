@@ -5,15 +5,8 @@ from de3bert.data import get_task
 from de3bert.errors import DataError, PolicyError
 from de3bert.evaluation.report import evaluate_checkpoint, oracle, sweep
 from de3bert.evaluation.separation import indicator_auroc
-from de3bert.exits.calibration import (
-    calibrate,
-    calibrated_table,
-    candidate_policies,
-    choose_policy,
-    describe_choice,
-    evaluate_policy,
-    most_conservative,
-)
+from de3bert.exits.calibration import (calibrate, calibrated_table, candidate_policies, choose_policy, describe_choice,
+                                       evaluate_policy, most_conservative)
 from de3bert.exits.outputs import LayerOutputs, layer_metrics
 from de3bert.exits.policies import ExitPolicy
 

@@ -4,14 +4,8 @@ import pytest
 import torch
 
 from de3bert.model.heads import HeadOutput
-from de3bert.training.losses import (
-    LossConfig,
-    distance_aware_regularizer,
-    early_exit_loss,
-    layer_loss,
-    layer_weights,
-    prototype_cross_entropy,
-)
+from de3bert.training.losses import (LossConfig, distance_aware_regularizer, early_exit_loss, layer_loss, layer_weights,
+                                     prototype_cross_entropy)
 
 
 def test_dar_hand_computed():

@@ -3,16 +3,8 @@ calibration slice held out beside them, and the source it is evaluated against."
 
 from __future__ import annotations
 
-from de3bert.data import (
-    DataSource,
-    Example,
-    GlueSource,
-    RunData,
-    as_source,
-    load_run_data,
-    recorded_source,
-    with_location,
-)
+from de3bert.data import (DataSource, Example, GlueSource, RunData, as_source, load_run_data, recorded_source,
+                          with_location)
 from de3bert.errors import CheckpointError
 from de3bert.exits.runners import ExitRunner
 

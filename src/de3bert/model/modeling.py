@@ -19,15 +19,8 @@ from de3bert.devices import DTYPES, resolve_device, resolve_precision
 from de3bert.errors import CheckpointError
 from de3bert.model.backbones import Backbone, LayerContext, PretrainedBackbone, backbone_from_config, count_parameters
 from de3bert.model.card import write_model_card
-from de3bert.model.config import (
-    CONFIG_NAME,
-    FORMAT_VERSION,
-    WEIGHTS_NAME,
-    EarlyExitConfig,
-    ExitHeadConfig,
-    load_tokenizer,
-    read_config,
-)
+from de3bert.model.config import (CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, EarlyExitConfig, ExitHeadConfig,
+                                  load_tokenizer, read_config)
 from de3bert.model.heads import DISTANCES, POOLINGS, ExitHead, HeadOutput, HeadReads
 
 

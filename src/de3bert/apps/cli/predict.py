@@ -6,13 +6,8 @@ import argparse
 import json
 
 from de3bert.apps.batch_predict import predict_file
-from de3bert.apps.cli.options import (
-    HelpFormatter,
-    add_device_options,
-    add_policy_options,
-    add_progress_option,
-    add_runtime_option,
-)
+from de3bert.apps.cli.options import (HelpFormatter, add_device_options, add_policy_options, add_progress_option,
+                                      add_runtime_option)
 from de3bert.apps.runtimes import load_model
 from de3bert.data import recorded_columns
 from de3bert.errors import De3bertError

@@ -6,6 +6,9 @@ them through the early-exit engine (rows that exit leave the batch layer by laye
     curl -s localhost:8000/v1/predict -H 'content-type: application/json' \\
          -d '{"inputs": [{"text": "a gripping, funny film"}]}'
 
+`GET /` is a page to try the model in a browser (`page.html`; it uses only the JSON API), and `"explain": true`
+adds to each answer the layers its input passed through, with their indicators.
+
 One worker task per process collects requests into micro-batches (at most `max_batch_size` inputs,
 no request waiting more than `max_wait_ms` for company) and hands each batch to a single engine
 thread, one engine call per exit policy, so the event loop stays free to accept requests.
@@ -21,29 +24,25 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 from importlib.metadata import version
+from importlib.resources import files
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException
 
 from de3bert.apps.runtimes import load_model, weights_digest
 from de3bert.apps.serving.batching import MicroBatcher
-from de3bert.apps.serving.schemas import (
-    Health,
-    ModelInfo,
-    PolicyInfo,
-    PolicyOverride,
-    PredictionOut,
-    PredictRequest,
-    PredictResponse,
-)
+from de3bert.apps.serving.schemas import (ExplanationOut, Health, LayerOut, ModelInfo, PolicyInfo, PolicyOverride,
+                                          PredictionOut, PredictRequest, PredictResponse)
 from de3bert.apps.serving.settings import ServiceSettings
+from de3bert.data import recorded_columns
 from de3bert.errors import DataError, De3bertError, PolicyError
 from de3bert.exits.calibration import policy_for_speedup
-from de3bert.exits.criteria import CRITERIA, FULL_DEPTH, applicable_criteria
+from de3bert.exits.criteria import CRITERIA, FULL_DEPTH, applicable_criteria, criterion_label
 from de3bert.exits.engine import EarlyExitEngine, Prediction
+from de3bert.exits.explain import Explanation, IndicatorReading, indicator_reading
 from de3bert.exits.policies import ExitPolicy
 from de3bert.exits.runners import ExitRunner
 
@@ -170,6 +169,34 @@ def _answer(prediction: Prediction) -> PredictionOut:
                          indicator=prediction.indicator)
 
 
+def _explained(answer: PredictionOut, explanation: Explanation, reading: IndicatorReading) -> PredictionOut:
+    """The answer with the layers its input passed through, 1 to the engine's exit layer. The every-head pass that
+    computed them (`explain_exits`) decides with the same policy code; where its exit differs from the engine's
+    (an indicator within rounding of τ: the two passes batch the input differently) this is logged, and the layers
+    shown are still those the engine ran."""
+    if explanation.exit_layer != answer.exit_layer:
+        logger.warning("explain: the every-head pass exits at layer %d, the engine at layer %d",
+                       explanation.exit_layer, answer.exit_layer)
+    regression = answer.probabilities is None
+    layers = [LayerOut(layer=trace.layer, label=None if regression else trace.label,
+                       score=trace.label if regression else None, probabilities=trace.probabilities,
+                       indicator=trace.indicator, streak=trace.streak)
+              for trace in explanation.layers[:answer.exit_layer]]
+    return answer.model_copy(update={"explain": ExplanationOut(**asdict(reading), layers=layers)})
+
+
+def page_html() -> str:
+    """The page that tries the served model (`GET /`): one self-contained HTML file shipped in the package."""
+    return files("de3bert.apps.serving").joinpath("page.html").read_text(encoding="utf-8")
+
+
+# The page loads nothing from elsewhere and talks only to this service; the browser enforces both.
+PAGE_HEADERS = {"content-security-policy": "default-src 'none'; script-src 'unsafe-inline'; "
+                                           "style-src 'unsafe-inline'; img-src data:; connect-src 'self'; "
+                                           "base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+                "x-content-type-options": "nosniff"}
+
+
 def create_app(settings: ServiceSettings) -> FastAPI:
     """The FastAPI app serving one checkpoint (the batching task starts with the app's lifespan)."""
     model = load_model(settings.checkpoint, settings.runtime, device=settings.device, precision=settings.precision)
@@ -177,6 +204,8 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     engine = EarlyExitEngine(model, default, batch_size=settings.max_batch_size)
     batcher = MicroBatcher(engine, settings.max_batch_size, settings.max_wait_ms, settings.micro_batching)
     served_version = model_version(settings.checkpoint)
+    text_pairs = recorded_columns(model.config.training, model.config.task).text_pair is not None
+    page = page_html()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -218,8 +247,10 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         config = model.config
         return ModelInfo(
             model_version=served_version, backbone=config.backbone_name, task=config.task, labels=config.label_names,
+            text_pairs=text_pairs,
             num_layers=model.num_layers, max_length=config.max_length, heads=asdict(config.heads),
             criteria=list(served_criteria(model)),
+            criterion_labels={c: criterion_label(c, config.training.get("recipe")) for c in served_criteria(model)},
             policy=PolicyInfo(**asdict(default)), calibration=config.calibration,
             limits={"max_inputs": settings.max_inputs, "max_chars": settings.max_chars,
                     "max_body_bytes": settings.max_body_bytes},
@@ -236,8 +267,17 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         logger.info("predict inputs=%d batch=%d latency_ms=%.1f policy=%s exit_layers=%s", len(predictions),
                     batch_size, 1000 * (time.perf_counter() - started), policy.criterion,
                     ",".join(str(p.exit_layer) for p in predictions))
-        return PredictResponse(model_version=served_version, policy=PolicyInfo(**asdict(policy)),
-                               predictions=[_answer(p) for p in predictions])
+        answers = [_answer(p) for p in predictions]
+        if request.explain:
+            reading = indicator_reading(policy)
+            explanations = await batcher.explain(request.inputs, policy)
+            answers = [_explained(a, e, reading) for a, e in zip(answers, explanations)]
+        return PredictResponse(model_version=served_version, policy=PolicyInfo(**asdict(policy)), predictions=answers)
+
+    @app.get("/", include_in_schema=False)
+    async def try_the_model() -> HTMLResponse:
+        """A page to try the model and see where each input exits (it reads /v1/model and posts to /v1/predict)."""
+        return HTMLResponse(page, headers=PAGE_HEADERS)
 
     return app
 

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 
 from de3bert.apps.serving.schemas import TextInput
 from de3bert.exits.engine import EarlyExitEngine, Prediction
+from de3bert.exits.explain import Explanation, explain_exits
 from de3bert.exits.policies import ExitPolicy
 
 
@@ -61,6 +62,13 @@ class MicroBatcher:
         future = loop.create_future()
         self._queue.put_nowait(_Job(inputs, policy, future, loop.time()))
         return await future
+
+    async def explain(self, inputs: list[TextInput], policy: ExitPolicy) -> list[Explanation]:
+        """Layer-by-layer explanations of one request's inputs (`explain_exits`), computed on the engine thread
+        between micro-batches so that they never compete with the engine for the model."""
+        pairs = [item.text_pair for item in inputs] if inputs[0].text_pair is not None else None
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, explain_exits, self.engine.model, policy, [item.text for item in inputs], pairs)
 
     async def _next_batch(self) -> list[_Job]:
         """The next micro-batch: the oldest request plus those that arrive within its wait budget."""

@@ -37,6 +37,8 @@ class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     inputs: list[TextInput] = Field(min_length=1, description="texts (or pairs) to classify, answered in order")
     policy: PolicyOverride | None = Field(None, description="exit policy for this request (default: the served one)")
+    explain: bool = Field(False, description="also return every layer each input passed through: prediction, "
+                                             "probabilities and the criterion's indicator (costs a full-depth pass)")
 
 
 class PolicyInfo(BaseModel):
@@ -48,6 +50,32 @@ class PolicyInfo(BaseModel):
     lam: float
 
 
+class LayerOut(BaseModel):
+    """One layer an input passed through, as its exit policy saw it."""
+
+    layer: int = Field(description="1-based layer")
+    label: str | None = Field(description="the layer's predicted label (None for regression)")
+    score: float | None = Field(description="the layer's predicted score (regression only)")
+    probabilities: dict[str, float] | None = Field(description="the layer's class probabilities, by label name")
+    indicator: float | None = Field(description="the criterion's indicator at this layer (see `explain.indicator`); "
+                                                 "null where it has no finite value")
+    streak: int = Field(description="consecutive layers up to this one on which the criterion held; the input exits "
+                                    "when it reaches `patience` (or at the last layer)")
+
+
+class ExplanationOut(BaseModel):
+    """Where one input exits and why: the layers it passed through and how to read their indicator."""
+
+    indicator: str = Field(description="what `layers[].indicator` holds: edr, entropy, confidence or dr; "
+                                       "prediction_changed (patience: 1 where the label changed from the layer "
+                                       "before) or score_change (regression patience: |Δ score|)")
+    holds_when: str = Field(description="the criterion holds where the indicator is below or above the threshold "
+                                        "(never: full depth)")
+    threshold: float | None = Field(description="the threshold the policy compared the indicator with")
+    patience: int = Field(description="consecutive layers the criterion must hold on for the input to exit")
+    layers: list[LayerOut] = Field(description="layer 1 to the exit layer; the layers after it were saved")
+
+
 class PredictionOut(BaseModel):
     """One input's answer."""
 
@@ -57,6 +85,9 @@ class PredictionOut(BaseModel):
     exit_layer: int = Field(description="1-based layer the input left at")
     indicator: float | None = Field(description="the criterion's indicator value at the exit layer (null for a "
                                                 "prototype criterion at a last layer without prototypes)")
+    # left out of the body unless asked for, so answers without explain stay as they were
+    explain: ExplanationOut | None = Field(None, exclude_if=lambda value: value is None,
+                                           description="only with explain: true in the request")
 
 
 class PredictResponse(BaseModel):
@@ -74,10 +105,14 @@ class ModelInfo(BaseModel):
     backbone: str
     task: str
     labels: list[str] = Field(description="label names, in the order of the model's outputs")
+    text_pairs: bool = Field(description="whether the model reads text pairs (it was trained on pairs): send "
+                                         "text_pair with each text")
     num_layers: int
     max_length: int
     heads: dict = Field(description="exit-head configuration")
     criteria: list[str] = Field(description="criteria this model supports")
+    criterion_labels: dict[str, str] = Field(description="how to name each of those criteria (the method's name "
+                                                         "where the model was trained with that method's recipe)")
     policy: PolicyInfo = Field(description="the default policy (calibrated at training time)")
     calibration: list[dict] = Field(description="calibrated trade-off table: criterion, target and measured speed-up")
     limits: dict[str, int]
