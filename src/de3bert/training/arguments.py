@@ -39,7 +39,7 @@ class TrainingArguments:
     seed: int = knob(42, "seed of initialization, data order, dropout and the held-out slices")
     alpha: float | None = knob(None, "prototype CE weight α (unset: the recipe's, 1 for de3; 0 switches it off)")
     beta: float | None = knob(None, "DAR weight β (unset: the recipe's, 1 for de3; 0 switches it off)")
-    target_speedup: float = knob(2.0, "layer speed-up the checkpoint's default exit policy is calibrated to")
+    target_speedup: float = knob(2.0, "layer speed-up the checkpoint's own exit policy is calibrated to")
     lam: float = knob(1.0, "λ of the hybrid indicator EDR")
     pcee_patience: int = knob(2, "patience t of PCEE (entropy + patience) when it is calibrated")
     criterion: str | None = knob(None, "criterion of the default exit policy (unset: the one that scores best on the "

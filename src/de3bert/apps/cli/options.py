@@ -42,7 +42,8 @@ def add_knobs(group: argparse._ActionsContainer, settings: type, skip: tuple[str
         help_text = spec.metadata["help"]
         if kind is bool:
             flag = f"--{'no-' if default else ''}{spec.name.replace('_', '-')}"
-            group.add_argument(flag, dest=spec.name, action="store_false" if default else "store_true", help=help_text)
+            group.add_argument(flag, dest=spec.name, action="store_false" if default else "store_true",
+                               help=f"do not {help_text}" if default else help_text)
             continue
         flag = spec.metadata.get("flag", f"--{spec.name.replace('_', '-')}")  # --output for output_dir, ...
         group.add_argument(flag, dest=spec.name, type=kind, default=default, choices=spec.metadata.get("choices"),

@@ -24,8 +24,8 @@ class ServiceSettings:
     max_batch_size: int = knob(32, "most inputs merged into one engine call (a larger single request runs alone)")
     max_wait_ms: float = knob(0.0, "longest a request waits for others to join its micro-batch (0: merge only those "
                                    "that queued while the engine was busy; on a CPU as fast under load, faster idle)")
-    micro_batching: bool = knob(True, "merge concurrent requests (off: one request per engine call, the load "
-                                      "test's baseline)")
+    micro_batching: bool = knob(True, "merge concurrent requests into micro-batches (without: one request per engine "
+                                      "call, the load test's baseline)")
     max_inputs: int = knob(64, "most inputs in one request")
     max_chars: int = knob(5000, "most characters in one text")
     max_body_bytes: int = knob(1_000_000, "largest request body accepted, in bytes")
