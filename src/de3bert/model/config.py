@@ -71,6 +71,10 @@ class EarlyExitConfig:
     policy_selection: how that policy's criterion was chosen (exits.calibration.choose_policy): the calibration
         metric of every criterion at the target speed-up, the winner, whether it was forced, and a sentence saying so.
     calibration: rows of the calibrated trade-off table (criterion, target and measured speed-ups).
+    calibrated_speedup: what the default policy was calibrated to deliver: the target layer speed-up, the speed-up
+        on the calibration inputs with its bootstrap interval, their number and where they came from.
+    calibration_history: what `de3bert calibrate` replaced, oldest first: each entry the earlier policy, calibrated
+        speed-up and table, and when and on what they were replaced.
     training: the training arguments and results, for the model card.
     """
 
@@ -83,6 +87,8 @@ class EarlyExitConfig:
     policy: dict | None = None
     policy_selection: dict = field(default_factory=dict)
     calibration: list[dict] = field(default_factory=list)
+    calibrated_speedup: dict = field(default_factory=dict)
+    calibration_history: list[dict] = field(default_factory=list)
     training: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     label_names: list[str] = field(default_factory=list)
