@@ -59,16 +59,31 @@ def evaluate_policy(policy: ExitPolicy, outputs: LayerOutputs, task: TaskSpec | 
 
 
 def threshold_grid(values: torch.Tensor, points: int | None, below: bool = True) -> list[float]:
-    """Thresholds at `points` quantiles of indicator values (None: at every distinct value), each just past its
-    value so that the inputs there exit too (exits happen strictly below τ, or above it where `below` is False)."""
+    """Thresholds at `points` quantiles of indicator values, each just past its value so that the inputs there exit
+    too (exits happen strictly below τ, or above it where `below` is False); points None: one threshold between
+    every two neighbouring distinct values (`separating_thresholds`)."""
     if not values.numel():
         return []
-    values = values.double()
-    anchors = (torch.unique(values) if points is None
-               else torch.quantile(values, torch.linspace(0, 1, points, dtype=torch.float64))).tolist()
+    if points is None:
+        return separating_thresholds(values, below)
+    anchors = torch.quantile(values.double(), torch.linspace(0, 1, points, dtype=torch.float64)).tolist()
     # step past each value by more than float32's resolution there: indicators are float32, and regression
     # tolerances exceed 1, where a fixed 1e-7 rounds away and the largest value could never exit
     return [v + (1e-7 + 1e-6 * abs(v)) * (1.0 if below else -1.0) for v in anchors]
+
+
+def separating_thresholds(values: torch.Tensor, below: bool = True) -> list[float]:
+    """For every distinct (float32) indicator value, the threshold that lets exactly the values up to it exit (down to
+    it where `below` is False): the float32 number halfway to the next distinct value — as far from both as float32
+    allows, so that a runtime's rounding hardly moves an exit — or the next value itself where none lies between
+    (the comparison is strict); past the last value, its next float32 number."""
+    distinct = torch.unique(values.float())  # ascending
+    if not below:  # confident above τ: mirror, so that "up to" runs downwards
+        distinct = -distinct.flip(0)
+    after = torch.cat([distinct[1:], torch.nextafter(distinct[-1:], torch.tensor(math.inf))])
+    middle = ((distinct.double() + after.double()) / 2).float()
+    thresholds = torch.where(middle > distinct, middle, after)
+    return (thresholds if below else -thresholds.flip(0)).double().tolist()
 
 
 def candidate_policies(criterion: str, outputs: LayerOutputs, points: int | None = 40, patience: int = 2,
@@ -362,7 +377,8 @@ def describe_choice(selection: dict) -> str:
 def promise_of(row: dict, inputs: str) -> dict:
     """A default policy's promise, as `EarlyExitConfig.calibrated_speedup` holds it, from its `promise_row` and a
     description of the calibration inputs."""
-    keys = ("criterion", "target_speedup", "speedup", "speedup_low", "speedup_high", "examples", "warning")
+    keys = ("criterion", "target_speedup", "speedup", "speedup_low", "speedup_high", "examples", "warning", "metric",
+            "metric_drop", "max_drop")
     return {key: row[key] for key in keys if key in row} | {"inputs": inputs}
 
 

@@ -108,7 +108,7 @@ def _policy(policy: dict) -> str:
 
 def _promise(promise: dict) -> str:
     """What the default policy was calibrated to deliver, in words."""
-    interval = (f" (95 % interval {promise['speedup_low']:.2f}x to {promise['speedup_high']:.2f}x)"
+    interval = (f" (95% interval {promise['speedup_low']:.2f}x to {promise['speedup_high']:.2f}x)"
                 if "speedup_low" in promise else "")
     count = f"{promise['examples']} inputs of " if "examples" in promise else ""
     warning = f"; warning: {promise['warning']}" if promise.get("warning") else ""

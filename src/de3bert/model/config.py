@@ -14,6 +14,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from de3bert.atomic import write_file
 from de3bert.data.tasks import default_label_names
 from de3bert.digests import files_digest
 from de3bert.errors import CheckpointError
@@ -152,6 +153,13 @@ def read_config(directory: Path) -> EarlyExitConfig:
         return EarlyExitConfig.from_dict(data)
     except (TypeError, ValueError) as exc:  # a field this de3bert does not know, or id2label keys that are not ids
         raise CheckpointError(f"{path} has an unexpected de3bert section or id2label: {exc}") from exc
+
+
+def write_config(config: EarlyExitConfig, directory: Path, extra: dict | None = None) -> None:
+    """Write a folder's config.json (with `extra` top-level sections, e.g. an export's), atomically: a reader, or a
+    process killed mid-write, sees the old file or the new one."""
+    text = json.dumps(config.to_dict() | (extra or {}), indent=2, default=str)
+    write_file(Path(directory) / CONFIG_NAME, lambda handle: handle.write(text.encode()))
 
 
 def load_tokenizer(directory: Path) -> PreTrainedTokenizerBase:
