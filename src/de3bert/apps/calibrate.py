@@ -159,11 +159,12 @@ def write_calibration(folder: str | Path, config: EarlyExitConfig) -> None:
     write_model_card(config, folder)
 
 
-def default_targets(config: EarlyExitConfig) -> tuple[float, ...]:
-    """The targets calibrated when none are given: the one the default policy was calibrated to first, then the
-    others of TARGET_SPEEDUPS."""
+def default_targets(config: EarlyExitConfig, first: float | None = None) -> tuple[float, ...]:
+    """The targets calibrated when none are given: `first`, else the one the default policy was calibrated to, then
+    the others of TARGET_SPEEDUPS (so that the calibrated table keeps its range)."""
     promise = default_promise(config)
-    return tuple(dict.fromkeys(t for t in (promise and promise["target_speedup"], *TARGET_SPEEDUPS) if t is not None))
+    first = first or (promise and promise["target_speedup"])
+    return tuple(dict.fromkeys(t for t in (first, *TARGET_SPEEDUPS) if t is not None))
 
 
 def calibrate_folder(folder: str | Path, input_file: str | Path, targets: tuple[float, ...] | None = None,
