@@ -42,11 +42,12 @@ import torch
 
 from de3bert.apps.cli import main as cli
 from de3bert.data import encode_examples
-from de3bert.evaluation.run_data import evaluation_source, split_examples
+from de3bert.evaluation.run_data import calibration_split, evaluation_source, split_examples
 from de3bert.exits.calibration import (
     SPEEDUP_TOLERANCE,
     TARGET_SPEEDUPS,
     calibrate_targets,
+    choose_policy,
     evaluate_policy,
 )
 from de3bert.exits.criteria import REFERENCE_CRITERION, applicable_criteria, own_criterion
@@ -146,7 +147,23 @@ def measure(name: str, folder: str, data_dir: str | None, splits: int) -> dict:
                                   "runs": per_split[target]}
             cells.append(cell)
     return {"name": name, "folder": str(folder), "task": task.name, "dev_inputs": len(examples),
-            "num_layers": dev.num_layers, "default_policy": model.config.policy, "cells": cells}
+            "num_layers": dev.num_layers, "default_policy": model.config.policy, "cells": cells,
+            "default_criterion": default_criterion(model, data, task)}
+
+
+def default_criterion(model: EarlyExitModel, data, task) -> dict:
+    """The default criterion chosen again on the checkpoint's calibration split, by today's rule (entropy unless
+    another criterion beats it beyond paired-bootstrap noise), next to the one the checkpoint stored."""
+    training = model.config.training
+    split, examples = calibration_split(data)
+    outputs = collect_layer_outputs(model, encode_examples(model.tokenizer, examples, model.config.max_length))
+    criteria = applicable_criteria(model.config.is_regression, model.has_prototypes, early_only=True)
+    preferred = own_criterion(training.get("recipe", "de3"), model.config.is_regression)
+    _, record = choose_policy(criteria, outputs, task, training.get("target_speedup", 2.0), preferred,
+                              seed=training.get("seed", 0), patience=training.get("pcee_patience", 2),
+                              lam=training.get("lam", 1.0))
+    return {"split": split, "stored": model.config.policy_selection.get("criterion"), "now": record["criterion"],
+            "selection": record}
 
 
 def end_to_end(name: str, folder: str, data_dir: str | None, cell: dict) -> dict:
@@ -201,6 +218,21 @@ def table(checkpoints: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def criterion_table(checkpoints: list[dict]) -> str:
+    """The default criterion stored after training against the one today's rule picks, with the closest margin."""
+    lines = ["| checkpoint | calibration examples | stored default | default now | closest challenger: margin (95 % "
+             "interval) |", "|---|---|---|---|---|"]
+    for checkpoint in checkpoints:
+        choice = checkpoint["default_criterion"]
+        record = choice["selection"]
+        challengers = [r for r in record["standings"] if "margin" in r]
+        closest = max(challengers, key=lambda r: r["margin"], default=None)
+        margin = (f"{closest['criterion']} {closest['margin']:+.4f} ({closest['margin_low']:+.4f} to "
+                  f"{closest['margin_high']:+.4f})") if closest else "–"
+        lines.append(f"| {checkpoint['name']} | {record['examples']} | {choice['stored']} | {choice['now']} | {margin} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     """Measure every checkpoint given, write summary.json and table.md."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -231,8 +263,10 @@ def main() -> None:
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     (output / "summary.json").write_text(json.dumps(report, indent=2))
-    (output / "table.md").write_text(table(checkpoints))
-    print(table(checkpoints))
+    text = table(checkpoints) + "\nThe default criterion, chosen again on each calibration split:\n\n" + \
+        criterion_table(checkpoints)
+    (output / "table.md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,10 @@ def test_cells_are_measured_as_the_library_measures_them(tiny_checkpoint, glue_d
     assert checked
     table = calibration_miss.table([report])
     assert table.startswith("| checkpoint | criterion | asked |") and "tiny (32 dev)" in table
+    choice = report["default_criterion"]
+    assert choice["selection"]["reference"] == "entropy" and choice["now"] == choice["selection"]["criterion"]
+    assert choice["split"] == "calibration (held out from train)"
+    assert f"| tiny | {choice['selection']['examples']} | " in calibration_miss.criterion_table([report])
 
 
 def test_the_command_line_delivers_what_the_library_measured(tiny_checkpoint, glue_dir):
