@@ -48,6 +48,7 @@ from de3bert.exits.calibration import (
     TARGET_SPEEDUPS,
     calibrate_targets,
     choose_policy,
+    closest_challenger,
     evaluate_policy,
 )
 from de3bert.exits.criteria import REFERENCE_CRITERION, applicable_criteria, own_criterion
@@ -220,13 +221,12 @@ def table(checkpoints: list[dict]) -> str:
 
 def criterion_table(checkpoints: list[dict]) -> str:
     """The default criterion stored after training against the one today's rule picks, with the closest margin."""
-    lines = ["| checkpoint | calibration examples | stored default | default now | closest challenger: margin (95 % "
-             "interval) |", "|---|---|---|---|---|"]
+    lines = ["| checkpoint | calibration examples | stored default | default now | closest challenger exiting "
+             "otherwise: margin (95 % interval) |", "|---|---|---|---|---|"]
     for checkpoint in checkpoints:
         choice = checkpoint["default_criterion"]
         record = choice["selection"]
-        challengers = [r for r in record["standings"] if "margin" in r]
-        closest = max(challengers, key=lambda r: r["margin"], default=None)
+        closest = closest_challenger(record)
         margin = (f"{closest['criterion']} {closest['margin']:+.4f} ({closest['margin_low']:+.4f} to "
                   f"{closest['margin_high']:+.4f})") if closest else "–"
         lines.append(f"| {checkpoint['name']} | {record['examples']} | {choice['stored']} | {choice['now']} | {margin} |")

@@ -176,6 +176,8 @@ def test_a_tie_keeps_the_reference_and_an_unreachable_target_gives_its_fastest_p
     assert policy.criterion == "entropy" and record["standings"][0]["criterion"] == "entropy"
     confidence = record["standings"][1]
     assert confidence["margin"] == confidence["margin_low"] == confidence["margin_high"] == 0.0
+    assert record["summary"].endswith("is kept on the calibration split at 1.2x (calibration accuracy 0.5000 at "
+                                      "1.50x): the other criteria give the same answers")
     policy, record = choose_policy(("entropy", "confidence"), outputs, SST2, 5.0, preferred="entropy")
     assert policy.criterion == "entropy" and all("error" in row for row in record["standings"])
     assert evaluate_policy(policy, outputs, SST2)["speedup"] == pytest.approx(3.0)

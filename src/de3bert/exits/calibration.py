@@ -340,6 +340,15 @@ def _margin(row: dict, selection: dict) -> str:
             f"{row['margin_high']:+.4f}, paired bootstrap over {selection['examples']} examples)")
 
 
+def closest_challenger(selection: dict) -> dict | None:
+    """The standing with the largest margin over the reference among the criteria that exit differently from it (a
+    zero margin on every resample: the same answers, as max-probability gives entropy's on two classes); None if
+    there is none."""
+    differing = [r for r in selection["standings"] if "margin" in r
+                 and (r["margin"], r["margin_low"], r["margin_high"]) != (0.0, 0.0, 0.0)]
+    return max(differing, key=lambda r: r["margin"], default=None)
+
+
 def describe_choice(selection: dict) -> str:
     """One sentence saying which criterion a `choose_policy` record picked, by how much and how surely (records
     written before margins were kept are described by their plain differences)."""
@@ -363,11 +372,13 @@ def describe_choice(selection: dict) -> str:
         against = (f"{rows[winner]['metric'] - own['metric']:+.4f} against {reference}" if "metric" in own
                    else f"{reference} cannot reach {target}")
         return f"{winner} scores best on the calibration split at {target} ({score}), {against}"
-    challengers = [r for r in others if "margin" in r]
-    if challengers:
-        closest = max(challengers, key=lambda r: r["margin"])
-        return (f"{winner}, the reference, is kept on the calibration split at {target} ({score}): no criterion beats "
-                f"it beyond noise; the closest, {closest['criterion']}, {_margin(closest, selection)}")
+    if any("margin" in r for r in others):
+        kept = f"{winner}, the reference, is kept on the calibration split at {target} ({score})"
+        closest = closest_challenger(selection)
+        if closest is None:
+            return f"{kept}: the other criteria give the same answers"
+        return (f"{kept}: no criterion beats it beyond noise; the closest, {closest['criterion']}, "
+                f"{_margin(closest, selection)}")
     if others:
         return (f"{winner} scores best on the calibration split at {target} ({score}), "
                 f"{rows[winner]['metric'] - others[0]['metric']:+.4f} against {others[0]['criterion']}")
