@@ -313,9 +313,10 @@ class Trainer:
                                                         preferred, forced=self.args.criterion is not None,
                                                         seed=self.args.seed, **grid)
         config.policy = policy.to_dict()
-        split = "calibration split held out from training" if self.calibration else f"{self.dev_split} set"
+        inputs = "the calibration split held out from the training data" if self.calibration else \
+            f"the {self.dev_split} set"
         config.calibrated_speedup = promise_of(promise_row(policy, calibration, self.args.target_speedup,
-                                                           seed=self.args.seed), f"the training run's {split}")
+                                                           seed=self.args.seed), inputs)
         reached = any("metric" in r and r["criterion"] == config.policy_selection["criterion"]
                       for r in config.policy_selection["standings"])
         self.accelerator.print(f"{'default exit policy' if reached else 'warning'}: "
