@@ -28,6 +28,7 @@ _PUBLIC = {
     "resume": "de3bert.training.launch",
     "load_model": "de3bert.apps.runtimes",
     "evaluate_checkpoint": "de3bert.evaluation.report",
+    "calibrate_folder": "de3bert.apps.calibrate",
     "export_checkpoint": "de3bert.onnx.export",
     "OnnxEarlyExitModel": "de3bert.onnx.runtime",
     "ServiceSettings": "de3bert.apps.serving.settings",
@@ -36,6 +37,7 @@ _PUBLIC = {
 __all__ = list(_PUBLIC)
 
 if TYPE_CHECKING:
+    from de3bert.apps.calibrate import calibrate_folder
     from de3bert.apps.runtimes import load_model
     from de3bert.apps.serving.app import create_app
     from de3bert.apps.serving.settings import ServiceSettings

@@ -49,6 +49,28 @@ def test_predict_file_writes_predictions_in_order(tiny_checkpoint, tmp_path):
     assert all({"label", "probabilities", "exit_layer", "indicator"} <= set(r) for r in rows)
 
 
+def test_predict_file_ends_with_what_the_job_delivered(tiny_checkpoint, tmp_path, capsys):
+    source = tmp_path / "in.tsv"
+    source.write_text("sentence\n" + "".join(f"the film was {w}\n" for w in TICKETS["praise"] * 3))
+    target = tmp_path / "out.csv"
+    assert main(["predict", str(tiny_checkpoint), "--input", str(source), "--output", str(target),
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    with target.open() as handle:
+        layers = [int(row["exit_layer"]) for row in csv.DictReader(handle)]
+    summary = json.loads((tmp_path / "out.csv.summary.json").read_text())
+    assert summary["inputs"] == 12 and summary["num_layers"] == 4 and summary["output"] == str(target)
+    assert summary["exit_layers"] == {str(m): layers.count(m) for m in range(1, 5)}
+    assert summary["speedup"] == pytest.approx(4 * 12 / sum(layers))
+    assert summary["calibrated"]["target_speedup"] == 2.0  # the default policy ran: its promise is there to compare
+    assert f"delivered layer speed-up {summary['speedup']:.2f}x over 12 inputs" in out
+    assert "the policy was calibrated to 2x" in out and "out.csv.summary.json" in out
+    assert main(["predict", str(tiny_checkpoint), "--input", str(source), "--output", str(target), "--criterion",
+                 "full-depth", "--no-progress"]) == 0
+    summary = json.loads((tmp_path / "out.csv.summary.json").read_text())
+    assert summary["speedup"] == 1.0 and summary["exit_layers"]["4"] == 12 and summary["calibrated"] is None
+
+
 def test_export_then_predict_on_onnx_runtime(tiny_checkpoint, tmp_path, capsys):
     pytest.importorskip("onnxruntime")
     output = tmp_path / "onnx"

@@ -214,6 +214,13 @@ def test_read_table_pairs_given_labels_regression_and_prediction(tmp_path):
     ("t.csv", "", {"text_column": "text"}, "file is empty, expected a header row"),
     ("t.jsonl", "\n", {"text_column": "text"}, "has no rows"),
     ("t.txt", "x", {"text_column": "text"}, "unsupported file type '.txt'"),
+    ("t.csv", 'text,label\ngood film,pos\n"unterminated,neg\nbad,neg\nfine,pos\n', {"text_column": "text"},
+     "line 3 opens a quote that never closes, so the rest of the file (lines 3 to 5) would be read as one field"),
+    ("t.csv", 'text,label\ngood film,pos\n"unterminated,neg', {"text_column": "text"},
+     "line 3 opens a quote that never closes"),
+    ("t.tsv", 'text\tlabel\n"good\tpos\n', {"text_column": "text"}, "line 2 opens a quote that never closes"),
+    ("t.csv", 'text,label\ngood,pos\n"two\nlines",neg,extra\n', {"text_column": "text"},
+     "line 4 has 3 columns, expected 2 (lines 3 to 4 read as one row: a quoted field holds line breaks)"),
 ])
 def test_read_table_errors(tmp_path, name, content, kwargs, problem):
     path = tmp_path / name
@@ -233,6 +240,13 @@ def test_read_table_non_utf8_names_the_line(tmp_path, name, content, line):
     path.write_bytes(content)
     with pytest.raises(DataError, match=f"{name}: line {line} is not valid UTF-8 .*save the file as UTF-8"):
         read_table(path, "text")
+
+
+def test_quoted_fields_across_lines_and_doubled_quotes_still_read(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text('text,label\n"two\nlines",neg\n"a ""quoted"" word",pos\nsay "hi" there,neg\n')
+    examples, _ = read_table(path, "text", labels=("neg", "pos"))
+    assert [e.text_a for e in examples] == ["two\nlines", 'a "quoted" word', 'say "hi" there']
 
 
 def test_read_table_missing_file(tmp_path):

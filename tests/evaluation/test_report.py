@@ -47,7 +47,7 @@ def test_sweep_spans_full_depth_to_first_layer():
 
 def test_calibrate_picks_most_conservative_threshold_reaching_target():
     outputs = three_layer_outputs()
-    policy = calibrate("entropy", outputs, SST2, 1.2)
+    policy = calibrate("entropy", outputs, 1.2)
     row = evaluate_policy(policy, outputs, SST2)
     assert row["speedup"] >= 1.2
     speedups = sorted(r["speedup"] for r in sweep("entropy", outputs, SST2, points=200))
@@ -56,7 +56,7 @@ def test_calibrate_picks_most_conservative_threshold_reaching_target():
 
 def test_calibrate_unreachable_target_names_reachable_range():
     with pytest.raises(PolicyError, match=r"reachable range is 1\.00x to 3\.00x"):
-        calibrate("entropy", three_layer_outputs(), SST2, 5.0)
+        calibrate("entropy", three_layer_outputs(), 5.0)
 
 
 def test_unreachable_target_range_is_rounded_inwards():
@@ -100,7 +100,7 @@ def test_regression_tolerances_above_one_reach_the_earliest_exit():
     torch.manual_seed(0)
     scores = torch.cumsum(torch.rand(6, 50, 1) * 3.7, 0)  # (M, N, 1) regression outputs
     outputs = LayerOutputs(scores, None, torch.rand(50) * 5)
-    policy = calibrate("regression-patience", outputs, get_task("stsb"), 3.0, patience=1)
+    policy = calibrate("regression-patience", outputs, 3.0, patience=1)
     assert evaluate_policy(policy, outputs, get_task("stsb"))["speedup"] == pytest.approx(3.0)
 
 
@@ -120,32 +120,68 @@ def two_layer_outputs(entropy_knows: bool) -> LayerOutputs:
 
 
 @pytest.mark.parametrize("entropy_knows, winner", [(True, "entropy"), (False, "dr")])
-def test_the_default_criterion_is_the_calibration_winner(entropy_knows, winner):
+def test_entropy_stays_the_default_unless_another_criterion_beats_it_beyond_noise(entropy_knows, winner):
     outputs = two_layer_outputs(entropy_knows)
     policy, record = choose_policy(("dr", "entropy"), outputs, SST2, 4 / 3, preferred="dr")
-    assert policy.criterion == record["criterion"] == winner
+    assert policy.criterion == record["criterion"] == winner and record["reference"] == "entropy"
     best, other = record["standings"]
     assert (best["criterion"], best["metric"]) == (winner, 1.0) and other["metric"] == 0.5
     assert evaluate_policy(policy, outputs, SST2)["accuracy"] == 1.0
-    expected = ("dr, the recipe's own, scores best" if winner == "dr" else "entropy scores best") + \
-        " on the calibration split at 1.33x (calibration accuracy 1.0000 at "
-    assert describe_choice(record).startswith(expected)
-    assert describe_choice(record).endswith("+0.5000 against entropy" if winner == "dr" else
-                                            "+0.5000 against the recipe's own dr")
+    dr = next(row for row in record["standings"] if row["criterion"] == "dr")
+    # dr is right on 4 inputs more of 8: its margin is ±0.5, and the paired interval stays on that side of 0
+    assert dr["margin"] == (-0.5 if entropy_knows else 0.5)
+    assert (dr["margin_high"] < 0) if entropy_knows else (dr["margin_low"] > 0)
+    assert dr["margin_low"] <= dr["margin"] <= dr["margin_high"]
+    summary = describe_choice(record)
+    if winner == "dr":
+        assert summary.startswith("dr beats the reference entropy beyond noise on the calibration split at 1.33x "
+                                  "(calibration accuracy 1.0000 at ")
+        assert "+0.5000 (95% interval +0." in summary and "paired bootstrap over 8 examples" in summary
+    else:
+        assert summary.startswith("entropy, the reference, is kept on the calibration split at 1.33x")
+        assert "the closest, dr, -0.5000 (95% interval -" in summary
     forced, record = choose_policy(("dr", "entropy"), outputs, SST2, 4 / 3, preferred="entropy", forced=True)
     assert forced.criterion == "entropy" and record["forced"]
     assert describe_choice(record).startswith("entropy, as asked by --criterion")
 
 
-def test_a_tie_goes_to_the_recipes_own_criterion_and_an_unreachable_target_to_its_fastest_policy():
+def test_an_advantage_within_noise_keeps_the_reference():
+    """dr is right on one input more of 8 than entropy: better on the calibration split, but not beyond noise."""
+    outputs = two_layer_outputs(False)
+    outputs.logits[0, 5:] = torch.tensor([6.0, 0.0])  # entropy's certain exits 5-7 become right; 4 stays wrong
+    policy, record = choose_policy(("dr", "entropy"), outputs, SST2, 4 / 3, preferred="dr")
+    dr = next(row for row in record["standings"] if row["criterion"] == "dr")
+    assert dr["margin"] == 0.125 and dr["margin_low"] <= 0
+    assert policy.criterion == "entropy" and "no criterion beats it beyond noise" in record["summary"]
+
+
+def test_the_margins_are_reproducible_by_seed():
+    outputs = two_layer_outputs(False)
+    first = choose_policy(("dr", "entropy"), outputs, SST2, 4 / 3, preferred="dr", seed=3)[1]
+    again = choose_policy(("dr", "entropy"), outputs, SST2, 4 / 3, preferred="dr", seed=3)[1]
+    assert first == again
+
+
+def test_a_tie_keeps_the_reference_and_an_unreachable_target_gives_its_fastest_policy():
     outputs = three_layer_outputs()
     policy, record = choose_policy(("entropy", "confidence"), outputs, SST2, 1.2, preferred="confidence")
     assert record["standings"][0]["metric"] == record["standings"][1]["metric"]  # two classes: the same exits
-    assert policy.criterion == "confidence"
-    assert describe_choice(record).startswith("confidence, the recipe's own, ties with entropy on the calibration")
+    assert policy.criterion == "entropy" and record["standings"][0]["criterion"] == "entropy"
+    confidence = record["standings"][1]
+    assert confidence["margin"] == confidence["margin_low"] == confidence["margin_high"] == 0.0
+    assert record["summary"].endswith("is kept on the calibration split at 1.2x (calibration accuracy 0.5000 at "
+                                      "1.50x): the other criteria give the same answers")
     policy, record = choose_policy(("entropy", "confidence"), outputs, SST2, 5.0, preferred="entropy")
     assert policy.criterion == "entropy" and all("error" in row for row in record["standings"])
     assert evaluate_policy(policy, outputs, SST2)["speedup"] == pytest.approx(3.0)
+
+
+def test_an_older_record_without_margins_is_still_described():
+    record = {"criterion": "entropy", "preferred": "edr", "forced": False, "target_speedup": 2.0, "metric": "accuracy",
+              "standings": [{"criterion": "entropy", "metric": 0.9, "speedup": 2.01},
+                            {"criterion": "edr", "metric": 0.88, "speedup": 2.0}]}
+    assert describe_choice(record) == ("entropy scores best on the calibration split at 2x (calibration accuracy "
+                                       "0.9000 at 2.01x), +0.0200 against edr")
 
 
 def test_a_glue_model_scores_a_labelled_file_written_with_values_or_names(tiny_checkpoint, tmp_path):

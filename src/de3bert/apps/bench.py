@@ -177,7 +177,7 @@ def run_benchmark(folder: str | Path, task_name: str | None = None, data_dir: st
     probe = "every head, no exit"
     policies = {"full depth": ExitPolicy(FULL_DEPTH), probe: ExitPolicy.never_exiting(criterion, model.num_layers, lam)}
     for target in settings.targets:
-        policies[f"{criterion} @ {target:g}x"] = calibrate(criterion, outputs, task, target, lam=lam)
+        policies[f"{criterion} @ {target:g}x"] = calibrate(criterion, outputs, target, lam=lam)
     engines = {"PyTorch": EarlyExitEngine(model, policies["full depth"])}
     if exported is not None:
         engines[_ort_label(exported.export.quantization)] = EarlyExitEngine(exported, policies["full depth"])

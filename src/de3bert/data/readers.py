@@ -152,21 +152,51 @@ def _table_rows(path: Path, where: str) -> Iterator[tuple[int, dict[str, object]
             yield number, row
         return
     delimiter = "\t" if suffix == ".tsv" else ","
-    reader = csv.reader((line for _, line in _lines(path, where)), delimiter=delimiter)
+    record: list[str] = []  # the raw lines of the record being read, to find a quote that never closes
+
+    def lines() -> Iterator[str]:
+        for _, line in _lines(path, where):
+            record.append(line)
+            yield line
+
+    reader = csv.reader(lines(), delimiter=delimiter)
     header = next(reader, None)
     if header is None:
         raise DataError(f"{where}: file is empty, expected a header row")
+    _check_quotes(record, 1, delimiter, where)
     if len(header) == 1:
         _check_delimiter(header[0], delimiter, where)
     try:
-        for fields in reader:
+        while True:
+            first, record[:] = reader.line_num + 1, []
+            fields = next(reader, None)
+            if fields is None:
+                return
+            _check_quotes(record, first, delimiter, where)
             if not fields:
                 continue
             if len(fields) != len(header):
-                raise DataError(f"{where}: line {reader.line_num} has {_columns(len(fields))}, expected {len(header)}")
+                spans = f" (lines {first} to {reader.line_num} read as one row: a quoted field holds line breaks)" \
+                    if reader.line_num > first else ""
+                raise DataError(f"{where}: line {reader.line_num} has {_columns(len(fields))}, expected {len(header)}"
+                                + spans)
             yield reader.line_num, dict(zip(header, fields))
     except csv.Error as err:
         raise DataError(f"{where}: line {reader.line_num} is not valid {suffix[1:].upper()} ({err})") from None
+
+
+def _check_quotes(record: list[str], first: int, delimiter: str, where: str) -> None:
+    """Refuse a record whose quote never closes: it swallows the rest of the file into one field."""
+    if not any('"' in line for line in record):
+        return
+    try:  # strict parsing fails at the end of the data exactly when a quoted field is still open there
+        list(csv.reader(record, delimiter=delimiter, strict=True))
+    except csv.Error as err:
+        if "unexpected end of data" in str(err):
+            rest = f" (lines {first} to {first + len(record) - 1})" if len(record) > 1 else ""
+            raise DataError(f"{where}: line {first} opens a quote that never closes, so the rest of the file{rest} "
+                            "would be read as one field; close the quote, or double it (\"\") to write a quote "
+                            "character") from None
 
 
 def _sorted_labels(values: Iterable[str]) -> tuple[str, ...]:

@@ -113,6 +113,9 @@ DEFAULT_CRITERION = "edr"
 """The criterion of a policy that names none: DE³-BERT's hybrid indicator."""
 FULL_DEPTH = "full-depth"
 """The criterion that never exits early (every input runs every layer)."""
+REFERENCE_CRITERION = "entropy"
+"""The criterion a trained model's default policy keeps unless another one beats it on the calibration split by more
+than the paired bootstrap's noise: across the study it is never far from the best (docs/results.md)."""
 
 
 def get_criterion(name: str) -> Criterion:

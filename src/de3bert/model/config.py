@@ -14,6 +14,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from de3bert.atomic import write_file
 from de3bert.data.tasks import default_label_names
 from de3bert.digests import files_digest
 from de3bert.errors import CheckpointError
@@ -71,6 +72,10 @@ class EarlyExitConfig:
     policy_selection: how that policy's criterion was chosen (exits.calibration.choose_policy): the calibration
         metric of every criterion at the target speed-up, the winner, whether it was forced, and a sentence saying so.
     calibration: rows of the calibrated trade-off table (criterion, target and measured speed-ups).
+    calibrated_speedup: what the default policy was calibrated to deliver: the target layer speed-up, the speed-up
+        on the calibration inputs with its bootstrap interval, their number and where they came from.
+    calibration_history: what `de3bert calibrate` replaced, oldest first: each entry the earlier policy, calibrated
+        speed-up and table, and when and on what they were replaced.
     training: the training arguments and results, for the model card.
     """
 
@@ -83,6 +88,8 @@ class EarlyExitConfig:
     policy: dict | None = None
     policy_selection: dict = field(default_factory=dict)
     calibration: list[dict] = field(default_factory=list)
+    calibrated_speedup: dict = field(default_factory=dict)
+    calibration_history: list[dict] = field(default_factory=list)
     training: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     label_names: list[str] = field(default_factory=list)
@@ -146,6 +153,13 @@ def read_config(directory: Path) -> EarlyExitConfig:
         return EarlyExitConfig.from_dict(data)
     except (TypeError, ValueError) as exc:  # a field this de3bert does not know, or id2label keys that are not ids
         raise CheckpointError(f"{path} has an unexpected de3bert section or id2label: {exc}") from exc
+
+
+def write_config(config: EarlyExitConfig, directory: Path, extra: dict | None = None) -> None:
+    """Write a folder's config.json (with `extra` top-level sections, e.g. an export's), atomically: a reader, or a
+    process killed mid-write, sees the old file or the new one."""
+    text = json.dumps(config.to_dict() | (extra or {}), indent=2, default=str)
+    write_file(Path(directory) / CONFIG_NAME, lambda handle: handle.write(text.encode()))
 
 
 def load_tokenizer(directory: Path) -> PreTrainedTokenizerBase:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections.abc import Collection, Sequence
@@ -19,8 +18,8 @@ from de3bert.devices import DTYPES, resolve_device, resolve_precision
 from de3bert.errors import CheckpointError
 from de3bert.model.backbones import Backbone, LayerContext, PretrainedBackbone, backbone_from_config, count_parameters
 from de3bert.model.card import write_model_card
-from de3bert.model.config import (CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, EarlyExitConfig, ExitHeadConfig,
-                                  load_tokenizer, read_config)
+from de3bert.model.config import (FORMAT_VERSION, WEIGHTS_NAME, EarlyExitConfig, ExitHeadConfig, load_tokenizer,
+                                  read_config, write_config)
 from de3bert.model.heads import DISTANCES, POOLINGS, ExitHead, HeadOutput, HeadReads
 
 
@@ -191,7 +190,7 @@ class EarlyExitModel(nn.Module):
         staging.mkdir()
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         save_file(state, staging / WEIGHTS_NAME, metadata={"format": "pt", "de3bert_format": str(FORMAT_VERSION)})
-        (staging / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2, default=str))
+        write_config(self.config, staging)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(staging)
         write_model_card(self.config, staging)

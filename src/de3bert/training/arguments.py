@@ -42,8 +42,9 @@ class TrainingArguments:
     target_speedup: float = knob(2.0, "layer speed-up the checkpoint's own exit policy is calibrated to")
     lam: float = knob(1.0, "λ of the hybrid indicator EDR")
     pcee_patience: int = knob(2, "patience t of PCEE (entropy + patience) when it is calibrated")
-    criterion: str | None = knob(None, "criterion of the default exit policy (unset: the one that scores best on the "
-                                       "calibration slice at --target-speedup, the recipe's own on a tie)",
+    criterion: str | None = knob(None, "criterion of the default exit policy (unset: entropy at --target-speedup, "
+                                       "unless another criterion beats it on the calibration slice by more than "
+                                       "the paired bootstrap's noise)",
                                  choices=tuple(CRITERIA))
     max_train_samples: int | None = knob(None, "train on a fixed random subsample of this many examples")
     calibration_fraction: float = knob(0.1, "share of the training data held out to calibrate exit thresholds "

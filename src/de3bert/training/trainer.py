@@ -27,7 +27,7 @@ from transformers import get_linear_schedule_with_warmup
 from de3bert.atomic import write_file
 from de3bert.data import Collator, EncodedExample, TaskSpec, main_metric
 from de3bert.errors import CheckpointError, De3bertError
-from de3bert.exits.calibration import calibrated_table, choose_policy
+from de3bert.exits.calibration import calibrated_table, choose_policy, promise_of, promise_row
 from de3bert.exits.criteria import applicable_criteria, own_criterion
 from de3bert.exits.outputs import LayerOutputs, collect_layer_outputs, layer_metrics
 from de3bert.model.modeling import EarlyExitModel
@@ -300,8 +300,9 @@ class Trainer:
                    lambda handle: handle.write(json.dumps(self.history, indent=2).encode()))
 
     def _calibrate(self, dev: LayerOutputs) -> None:
-        """Calibrate every criterion the model supports on the calibration split; the default policy is the one
-        that scores best there at the target speed-up (or the one --criterion asks for)."""
+        """Calibrate every criterion the model supports on the calibration split; the default policy is the reference
+        criterion's at the target speed-up unless another criterion beats it there beyond noise (or the one
+        --criterion asks for), with what it promises: the speed-up there and its bootstrap interval."""
         config = self.model.config
         grid = {"patience": self.args.pcee_patience, "lam": self.args.lam}
         calibration = collect_layer_outputs(self.model, self.calibration or self.dev, self.args.eval_batch_size)
@@ -309,8 +310,13 @@ class Trainer:
         config.calibration = calibrated_table(criteria, calibration, dev, self.task, **grid)
         preferred = self.args.criterion or own_criterion(self.args.recipe, self.task.is_regression)
         policy, config.policy_selection = choose_policy(criteria, calibration, self.task, self.args.target_speedup,
-                                                        preferred, forced=self.args.criterion is not None, **grid)
+                                                        preferred, forced=self.args.criterion is not None,
+                                                        seed=self.args.seed, **grid)
         config.policy = policy.to_dict()
+        inputs = "the calibration split held out from the training data" if self.calibration else \
+            f"the {self.dev_split} set"
+        config.calibrated_speedup = promise_of(promise_row(policy, calibration, self.args.target_speedup,
+                                                           seed=self.args.seed), inputs)
         reached = any("metric" in r and r["criterion"] == config.policy_selection["criterion"]
                       for r in config.policy_selection["standings"])
         self.accelerator.print(f"{'default exit policy' if reached else 'warning'}: "

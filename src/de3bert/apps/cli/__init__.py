@@ -1,4 +1,4 @@
-"""`de3bert` command line: train | evaluate | export | predict | bench | serve — a module per command.
+"""`de3bert` command line: train | evaluate | calibrate | export | predict | bench | serve — a module per command.
 
 Thin: each command parses its options and calls the library; anything it does, Python code can do with the
 same objects. Options that are knobs of a settings dataclass are generated from its fields.
@@ -14,13 +14,13 @@ from de3bert.errors import De3bertError
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `de3bert` command."""
-    from de3bert.apps.cli import bench, evaluate, export, predict, serve, train
+    from de3bert.apps.cli import bench, calibrate, evaluate, export, predict, serve, train
 
     parser = argparse.ArgumentParser(prog="de3bert", description=(
-        "Distance-enhanced early exiting (DE³-BERT) for BERT-family classifiers: train, evaluate, export, predict, "
-        "bench, serve."))
+        "Distance-enhanced early exiting (DE³-BERT) for BERT-family classifiers: train, evaluate, calibrate, export, "
+        "predict, bench, serve."))
     commands = parser.add_subparsers(dest="command", required=True)
-    for command in (train, evaluate, export, predict, bench, serve):
+    for command in (train, evaluate, calibrate, export, predict, bench, serve):
         command.add_parser(commands)
     return parser
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from de3bert.apps.batch_predict import predict_file
+from de3bert.apps.batch_predict import predict_file, summary_path
 from de3bert.apps.cli.options import (HelpFormatter, add_device_options, add_policy_options, add_progress_option,
                                       add_runtime_option)
 from de3bert.apps.runtimes import load_model
@@ -52,8 +52,10 @@ def run(args: argparse.Namespace) -> None:
             raise De3bertError("--input needs --output (a .jsonl, .tsv or .csv file to write)")
         columns = recorded_columns(model.config.training, model.config.task).overridden(args.text_column,
                                                                                         args.text_pair_column)
-        count = predict_file(engine, args.input, args.output, columns.text, columns.text_pair, progress=args.progress)
-        print(f"wrote {count} predictions to {args.output}")
+        summary = predict_file(engine, args.input, args.output, columns.text, columns.text_pair,
+                               progress=args.progress)
+        print(f"wrote {summary.inputs} predictions to {args.output}")
+        print(f"{summary.describe()}; summary in {summary_path(args.output)}")
         return
     if args.text is None:
         raise De3bertError("give --text (and --text-pair for pair tasks), or --input FILE --output FILE")

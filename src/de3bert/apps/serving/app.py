@@ -34,6 +34,8 @@ from starlette.exceptions import HTTPException
 
 from de3bert.apps.runtimes import load_model, weights_digest
 from de3bert.apps.serving.batching import MicroBatcher
+from de3bert.apps.serving.calibration import calibrate_on_start
+from de3bert.apps.serving.metrics import install_metrics, service_metrics
 from de3bert.apps.serving.schemas import (ExplanationOut, Health, LayerOut, ModelInfo, PolicyInfo, PolicyOverride,
                                           PredictionOut, PredictRequest, PredictResponse)
 from de3bert.apps.serving.settings import ServiceSettings
@@ -200,6 +202,8 @@ PAGE_HEADERS = {"content-security-policy": "default-src 'none'; script-src 'unsa
 def create_app(settings: ServiceSettings) -> FastAPI:
     """The FastAPI app serving one checkpoint (the batching task starts with the app's lifespan)."""
     model = load_model(settings.checkpoint, settings.runtime, device=settings.device, precision=settings.precision)
+    if settings.calibrate_from is not None:
+        model.config = calibrate_on_start(model, settings)
     default = ExitPolicy(**model.config.policy) if model.config.policy else ExitPolicy(FULL_DEPTH)
     engine = EarlyExitEngine(model, default, batch_size=settings.max_batch_size)
     batcher = MicroBatcher(engine, settings.max_batch_size, settings.max_wait_ms, settings.micro_batching)
@@ -217,6 +221,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
                   description="Early-exit text classification (DE³-BERT) with micro-batching.")
     app.state.batcher = batcher
     app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes)
+    metrics = service_metrics(model, default, served_version, settings)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -264,6 +269,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         _check_limits(request, settings)
         policy = resolve_policy(model, default, request.policy)
         predictions, batch_size = await batcher.predict(request.inputs, policy)
+        metrics.observe_predictions(predictions, policy == default)
         logger.info("predict inputs=%d batch=%d latency_ms=%.1f policy=%s exit_layers=%s", len(predictions),
                     batch_size, 1000 * (time.perf_counter() - started), policy.criterion,
                     ",".join(str(p.exit_layer) for p in predictions))
@@ -279,6 +285,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         """A page to try the model and see where each input exits (it reads /v1/model and posts to /v1/predict)."""
         return HTMLResponse(page, headers=PAGE_HEADERS)
 
+    install_metrics(app, metrics)
     return app
 
 
