@@ -55,10 +55,7 @@ RESULTS = Path("results") / "calibration_miss"
 
 def select(outputs: LayerOutputs, rows: np.ndarray, labelled: bool = True) -> LayerOutputs:
     """The outputs of some inputs; unlabelled: their labels replaced by −1."""
-    index = torch.as_tensor(rows)
-    labels = outputs.labels[index] if labelled else torch.full((len(rows),), -1)
-    return LayerOutputs(outputs.logits[:, index], None if outputs.distances is None else outputs.distances[:, index],
-                        labels)
+    return outputs.select(torch.as_tensor(rows), labelled)
 
 
 def halves(size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

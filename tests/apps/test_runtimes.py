@@ -4,6 +4,7 @@ import pytest
 
 from de3bert.apps.runtimes import folder_runtime, load_model, weights_digest
 from de3bert.errors import CheckpointError
+from de3bert.exits.criteria import CRITERIA
 from de3bert.model.modeling import EarlyExitModel
 from de3bert.onnx.runtime import OnnxEarlyExitModel
 
@@ -13,7 +14,8 @@ def test_a_folder_loads_for_the_runtime_it_was_written_for(tiny_checkpoint, tiny
     assert isinstance(load_model(tiny_checkpoint), EarlyExitModel)
     exported = load_model(tiny_export, threads=1)
     assert isinstance(exported, OnnxEarlyExitModel) and isinstance(load_model(tiny_export, "onnx"), OnnxEarlyExitModel)
-    assert exported.num_layers == 4 and exported.has_prototypes and exported.config.labels == ["0", "1"]
+    assert exported.num_layers == 4 and exported.config.labels == ["0", "1"]
+    assert exported.has_prototypes == CRITERIA[exported.criterion].reads_prototypes  # the heads its graph computes
 
 
 def test_a_runtime_that_does_not_fit_the_folder_is_one_line(tiny_checkpoint, tiny_export, tmp_path):

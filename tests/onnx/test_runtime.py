@@ -1,20 +1,22 @@
-"""The engine on an exported folder (ONNX Runtime) makes the same decisions as on PyTorch: same predictions
-and exit layers for every criterion, batches of 1, 7 and 32 with padding, chunked or not, BERT and MPNet,
-classification and regression, random tiny models and the real MiniLM-L6 on real sentences."""
+"""The engine on an exported folder (one self-exiting graph on ONNX Runtime) makes the same decisions as on
+PyTorch: same predictions and exit layers for the exported criterion and for full depth, batches of 1, 7 and 32
+with padding, chunked or not, BERT and MPNet, classification and regression, random tiny models and the real
+MiniLM-L6 on real sentences; every exit's output comes from the same graph; a criterion the graph was not
+exported with, and folders of the old per-layer format, are one-line errors."""
 
+import json
 import shutil
 import sys
 
 import pytest
 import torch
 
-from de3bert.errors import CheckpointError, ExportError
+from de3bert.errors import CheckpointError, ExportError, PolicyError
 from de3bert.exits.engine import EarlyExitEngine
 from de3bert.exits.outputs import LayerOutputs
-from de3bert.exits.policies import ExitPolicy
+from de3bert.exits.policies import ExitPolicy, simulate_exits
 from de3bert.model.backbones import Backbone
 from de3bert.model.config import EarlyExitConfig, ExitHeadConfig
-from de3bert.model.heads import HeadOutput
 from de3bert.model.modeling import EarlyExitModel
 from de3bert.onnx.runtime import OnnxEarlyExitModel
 from de3bert.onnx.sessions import onnxruntime
@@ -50,8 +52,9 @@ def tiny_mpnet_model(tokenizer) -> EarlyExitModel:
     return sharpen(model.eval())
 
 
-def export(model, folder) -> OnnxEarlyExitModel:
-    """Save a model, export it and load the export."""
+def export(model, folder, policy: ExitPolicy) -> OnnxEarlyExitModel:
+    """Save a model with `policy` as its calibrated one, export it and load the export."""
+    model.config.policy = policy.to_dict()
     model.save_pretrained(folder / "ckpt")
     export_checkpoint(folder / "ckpt", folder / "onnx")
     return OnnxEarlyExitModel.from_pretrained(folder / "onnx")
@@ -59,34 +62,43 @@ def export(model, folder) -> OnnxEarlyExitModel:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, tokenizer):
-    """(PyTorch model, its export) for each kind of model the engine serves."""
-    built = {"bert": sharpen(tiny_model(pooling="mean", tokenizer=tokenizer)),
-             "bert-cls-without-prototypes": sharpen(tiny_model(pooling="cls", prototype_dim=0, tokenizer=tokenizer)),
-             "mpnet": tiny_mpnet_model(tokenizer),
-             "regression": sharpen(tiny_model(labels=(), pooling="mean", tokenizer=tokenizer), scale=300.0)}
-    return {name: (model, export(model, tmp_path_factory.mktemp(name))) for name, model in built.items()}
+    """(PyTorch model, its export) for each kind of model the engine serves, exported with a criterion of its kind
+    whose τ lies in a gap of its indicator values."""
+    built = {"bert": (sharpen(tiny_model(pooling="mean", tokenizer=tokenizer)), "edr"),
+             "bert-cls-without-prototypes": (sharpen(tiny_model(pooling="cls", prototype_dim=0, tokenizer=tokenizer)),
+                                             "confidence"),
+             "mpnet": (tiny_mpnet_model(tokenizer), "entropy"),
+             "regression": (sharpen(tiny_model(labels=(), pooling="mean", tokenizer=tokenizer), scale=300.0),
+                            "regression-patience")}
+    calibration = padded_batch(32, max_len=16, seed=32)
+    return {name: (model, export(model, tmp_path_factory.mktemp(name),
+                                 separated_policies(model, calibration, (criterion,))[0]))
+            for name, (model, criterion) in built.items()}
+
+
+def separated(model, batch, criterion: str, patience: int, lam: float = 1.0, around: float = 0.5) -> ExitPolicy:
+    """The criterion's policy with τ in the widest gap between neighbouring indicator values of the batch's internal
+    layers, within a quarter of the range around the quantile `around`: rows exit at many layers, and float rounding
+    between runtimes cannot carry a row across τ."""
+    if criterion in ("patience", "full-depth"):
+        return ExitPolicy(criterion, patience=patience)
+    with torch.no_grad():
+        outputs = LayerOutputs.from_layers(model.layer_outputs(**batch), torch.zeros(1))
+    probe, values, previous = ExitPolicy(criterion, patience=patience, lam=lam), [], None
+    for head in outputs.heads()[:-1]:
+        indicator, previous = probe.indicator(head, previous)
+        values.append(indicator[torch.isfinite(indicator)])
+    ordered = torch.cat(values).double().unique()
+    low, high = (int(q * len(ordered)) for q in (max(0.0, around - 0.25), min(1.0, around + 0.25)))
+    window = ordered[low:high + 2]
+    widest = int((window[1:] - window[:-1]).argmax())
+    return ExitPolicy(criterion, float(window[widest:widest + 2].mean()), patience, lam)
 
 
 def separated_policies(model, batch, criteria) -> list[ExitPolicy]:
-    """For each criterion, τ in the widest gap between neighbouring indicator values in the middle of their range
-    on this batch: rows exit at many layers, and float rounding between runtimes cannot carry a row across τ."""
-    with torch.no_grad():
-        outputs = LayerOutputs.from_layers(model(**batch).layers, torch.zeros(1))
-    policies = []
-    for criterion in criteria:
-        patience = 2 if criterion in ("patience", "pcee", "regression-patience") else 1
-        if criterion in ("patience", "full-depth"):
-            policies.append(ExitPolicy(criterion, patience=patience))
-            continue
-        probe, values, previous = ExitPolicy(criterion, patience=patience), [], None
-        for head in outputs.heads()[:-1]:
-            indicator, previous = probe.indicator(head, previous)
-            values.append(indicator[torch.isfinite(indicator)])
-        ordered = torch.cat(values).double().unique()
-        middle = ordered[len(ordered) // 4: 3 * len(ordered) // 4 + 2]
-        widest = int((middle[1:] - middle[:-1]).argmax())
-        policies.append(ExitPolicy(criterion, float(middle[widest:widest + 2].mean()), patience))
-    return policies
+    """For each criterion, τ in the widest gap between neighbouring indicator values in the middle of their range."""
+    return [separated(model, batch, criterion, 2 if criterion in ("patience", "pcee", "regression-patience") else 1)
+            for criterion in criteria]
 
 
 def assert_same_exits(model, exported, batch, policy, chunk_size=None):
@@ -99,28 +111,28 @@ def assert_same_exits(model, exported, batch, policy, chunk_size=None):
     return actual
 
 
-@pytest.mark.parametrize("name", ["bert", "mpnet"])
+@pytest.mark.parametrize("name", ["bert", "mpnet", "bert-cls-without-prototypes", "regression"])
 @pytest.mark.parametrize("batch_size,chunk_size", [(1, None), (7, None), (32, None), (32, 5)])
-def test_onnx_engine_equals_pytorch_engine_for_every_criterion(models, name, batch_size, chunk_size):
+def test_onnx_engine_equals_pytorch_engine(models, name, batch_size, chunk_size):
+    """The exported criterion with its stored policy, another threshold, and full depth."""
     model, exported = models[name]
     batch = padded_batch(batch_size, max_len=16, seed=batch_size)
+    stored = ExitPolicy(**exported.config.policy)
+    other = separated(model, padded_batch(32, max_len=16, seed=9), stored.criterion, stored.patience, around=0.25)
     exit_layers_seen = set()
-    for policy in separated_policies(model, padded_batch(32, max_len=16, seed=32), CLASSIFICATION):
+    for policy in (stored, other, ExitPolicy("full-depth")):
         exit_layers_seen |= set(assert_same_exits(model, exported, batch, policy, chunk_size).exit_layers.tolist())
-    if batch_size > 1:
-        assert len(exit_layers_seen) > 2  # real early exits at several layers, not only full depth
+    if batch_size == 32:
+        assert min(exit_layers_seen) < exported.num_layers  # real early exits, not only full depth
 
 
-@pytest.mark.parametrize("batch_size", [1, 7, 32])
-def test_onnx_engine_equals_pytorch_engine_without_prototypes_and_for_regression(models, batch_size):
-    batch = padded_batch(batch_size, max_len=16, seed=batch_size + 1)
-    model, exported = models["bert-cls-without-prototypes"]
-    assert not exported.has_prototypes
-    for policy in separated_policies(model, padded_batch(32, seed=7), ("entropy", "patience", "pcee", "full-depth")):
-        assert_same_exits(model, exported, batch, policy, chunk_size=3)
-    model, exported = models["regression"]
-    for policy in separated_policies(model, padded_batch(32, seed=7), ("regression-patience", "full-depth")):
-        assert_same_exits(model, exported, batch, policy, chunk_size=3)
+def test_an_export_serves_its_criterion_and_full_depth_only(models):
+    model, exported = models["bert"]
+    assert exported.criteria == ("edr", "full-depth") and exported.has_prototypes
+    with pytest.raises(PolicyError, match="this export decides exits by criterion 'edr' .* --criterion entropy"):
+        EarlyExitEngine(exported, ExitPolicy("entropy", 0.5)).run_batch(**padded_batch(2))
+    without = models["bert-cls-without-prototypes"][1]
+    assert not without.has_prototypes and without.criteria == ("confidence", "full-depth")
 
 
 def test_onnx_model_gives_every_exit_like_the_pytorch_forward(models):
@@ -132,19 +144,20 @@ def test_onnx_model_gives_every_exit_like_the_pytorch_forward(models):
     assert len(actual) == len(expected) == exported.num_layers == 4
     for ours, theirs in zip(actual, expected):
         assert torch.allclose(ours.logits, theirs.logits, atol=1e-5)
-        assert (ours.distances is None) == (theirs.distances is None)  # the last layer has no prototypes
+        # the graph's criterion's indicator stands for what the policy would compute from the head
+        assert torch.allclose(ours.indicators["entropy"], ExitPolicy("entropy").indicator(theirs, None)[0], atol=1e-5)
 
 
-def test_policies_read_the_indicators_the_graphs_computed(models):
+def test_every_exit_of_an_export_feeds_calibration_and_explanations(models):
+    """Offline simulation on an export's outputs gives the exits the engine gives on it (λ read by the graph)."""
     model, exported = models["bert"]
-    batch = padded_batch(4, seed=9)
-    hidden = exported.embed(batch["input_ids"], None)
-    context = exported.context(hidden, batch["attention_mask"])
-    _, output = exported.run_layer(0, hidden, batch["attention_mask"], context, ExitPolicy("edr", lam=2.0).head_reads)
-    assert set(output.indicators) == {"prediction", "edr"}  # what the policy reads, of all the graph computes
-    # without them, the policy computes its own from logits and distances
-    recomputed = ExitPolicy("edr", lam=2.0).indicator(HeadOutput(output.logits, output.distances), None)[0]
-    assert torch.allclose(output.indicators["edr"], recomputed, atol=1e-6)
+    batch = padded_batch(12, max_len=16, seed=5)
+    policy = ExitPolicy(**exported.config.policy)
+    policy = ExitPolicy(policy.criterion, policy.threshold, policy.patience, lam=2.0)
+    heads = LayerOutputs.from_layers(exported.layer_outputs(**batch, reads=policy.head_reads), torch.zeros(12)).heads()
+    simulated = simulate_exits(policy, heads)
+    assert simulated.exit_layers.tolist() == EarlyExitEngine(exported, policy).run_batch(**batch).exit_layers.tolist()
+    assert simulated.exit_layers.tolist() == EarlyExitEngine(model, policy).run_batch(**batch).exit_layers.tolist()
 
 
 def test_real_minilm_on_real_sentences(minilm_pair):
@@ -156,12 +169,12 @@ def test_real_minilm_on_real_sentences(minilm_pair):
                  "an intelligent , moving story told with grace", "an utterly forgettable sequel"] * 3
     encoded = model.tokenizer(sentences, padding=True, return_tensors="pt")
     batch = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+    policy = ExitPolicy(**exported.config.policy)
     for batch_size in (1, 7, 36):
         part = {k: v[:batch_size] for k, v in batch.items()}
-        for policy in separated_policies(model, batch, CLASSIFICATION):
-            assert_same_exits(model, exported, part, policy, chunk_size=5)
-    ours = EarlyExitEngine(exported, ExitPolicy("entropy", 0.5)).predict(sentences[:12])
-    theirs = EarlyExitEngine(model, ExitPolicy("entropy", 0.5)).predict(sentences[:12])
+        assert_same_exits(model, exported, part, policy, chunk_size=5)
+    ours = EarlyExitEngine(exported).predict(sentences[:12])
+    theirs = EarlyExitEngine(model, policy).predict(sentences[:12])
     assert [(p.label, p.exit_layer) for p in ours] == [(p.label, p.exit_layer) for p in theirs]
 
 
@@ -170,7 +183,11 @@ def minilm_pair(tmp_path_factory):
     """The embedded MiniLM-L6 with random, sharpened mean-pooling heads, and its export."""
     torch.manual_seed(0)
     model = sharpen(EarlyExitModel.from_backbone("minilm-l6", "sst2", ["0", "1"], max_length=64).eval(), scale=10.0)
-    return model, export(model, tmp_path_factory.mktemp("minilm"))
+    sentences = model.tokenizer(["a gripping , funny film", "dull , dull , dull", "not bad at all", "the cast is "
+                                 "terrific", "i walked out after an hour", "an utterly forgettable sequel"] * 4,
+                                padding=True, return_tensors="pt")
+    batch = {"input_ids": sentences["input_ids"], "attention_mask": sentences["attention_mask"]}
+    return model, export(model, tmp_path_factory.mktemp("minilm"), separated_policies(model, batch, ("entropy",))[0])
 
 
 def test_loading_errors_are_one_line(models, tmp_path, tiny_checkpoint):
@@ -178,11 +195,23 @@ def test_loading_errors_are_one_line(models, tmp_path, tiny_checkpoint):
         OnnxEarlyExitModel.from_pretrained(tiny_checkpoint)
     folder = tmp_path / "broken"
     shutil.copytree(models["bert"][1].directory, folder)
-    (folder / "head_02.onnx").unlink()
-    with pytest.raises(CheckpointError, match="lacks head_02.onnx; export the checkpoint again"):
+    (folder / "model.onnx").unlink()
+    with pytest.raises(CheckpointError, match="lacks model.onnx; export the checkpoint again"):
         OnnxEarlyExitModel.from_pretrained(folder)
-    (folder / "head_02.onnx").write_bytes(b"not a graph")
-    with pytest.raises(CheckpointError, match="head_02.onnx is not a usable ONNX graph"):
+    (folder / "model.onnx").write_bytes(b"not a graph")
+    with pytest.raises(CheckpointError, match="model.onnx is not a usable ONNX graph"):
+        OnnxEarlyExitModel.from_pretrained(folder)
+
+
+def test_a_folder_of_the_per_layer_format_says_to_export_again(models, tmp_path):
+    folder = tmp_path / "old"
+    shutil.copytree(models["bert"][1].directory, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["onnx"] = {"quantization": None, "opset": 17, "format_version": 1,
+                      "validation": {"embeddings.onnx": 1e-7, "layer_01.onnx": 1e-7}}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"ONNX format version 1 \(a graph per layer.*export the checkpoint "
+                                              r"again with `de3bert export"):
         OnnxEarlyExitModel.from_pretrained(folder)
 
 

@@ -6,17 +6,19 @@ checkpoint the systems are the stock Hugging Face model of the same backbone and
 PyTorch") and our engine on PyTorch at full depth, computing every head without exiting, and at
 calibrated layer speed-ups.
 On an exported folder (`de3bert export`) the same systems also run on ONNX Runtime: the stock model
-exported whole, traced, optimized (and quantized) like our graphs ("plain ORT", the reference a user
-deploying on the CPU would pick), and our engine on the exported graphs; the PyTorch systems come
-from the checkpoint the folder was exported from. Three modes:
+exported whole, traced, optimized (and quantized) like our pieces ("plain ORT", the reference a user
+deploying on the CPU would pick), our exported graph at the policies above (its criterion's), and at
+full depth a graph of the same checkpoint exported with `--criterion full-depth` (no internal head);
+the PyTorch systems come from the checkpoint the folder was exported from. Three modes:
 
 - batch 1: one input per call (latency; the speed-up is the ratio of mean latencies, the quantity
   the layer speed-up predicts; p50/p95 are reported too);
 - batched: length-sorted batches of `batch_size`, each run on its own (rows that exit leave the
   batch, so late layers run on the survivors only);
-- pooled: pools of `pool_size` length-sorted inputs run layer by layer in compute chunks of
-  `batch_size` rows, survivors re-packed into full chunks (what `EarlyExitEngine.run_examples`,
-  `de3bert predict` and the service do). The plain models run the same chunks.
+- pooled: pools of `pool_size` length-sorted inputs run in compute chunks of `batch_size` rows (what
+  `EarlyExitEngine.run_examples`, `de3bert predict` and the service do): on PyTorch layer by layer with
+  survivors re-packed into full chunks, on ONNX Runtime each chunk through the graph. The plain models
+  run the same chunks.
 
 Thresholds are calibrated on the benchmark inputs (in PyTorch) to target layer speed-ups and used on
 both runtimes; the layer speed-up each system actually achieved is reported next to the measured
@@ -49,7 +51,7 @@ from de3bert.exits.policies import ExitPolicy, speedup_ratio
 from de3bert.knobs import knob
 from de3bert.model.config import WEIGHTS_NAME, checkpoint_digest
 from de3bert.model.modeling import EarlyExitModel, plain_classifier
-from de3bert.onnx.export import export_plain_classifier
+from de3bert.onnx.export import export_checkpoint, export_plain_classifier
 from de3bert.onnx.runtime import OnnxEarlyExitModel
 from de3bert.onnx.sessions import Graph, inference_session
 
@@ -142,6 +144,15 @@ def _plain_systems(model: EarlyExitModel, exported: OnnxEarlyExitModel | None, t
     return systems
 
 
+def full_depth_graph(exported: OnnxEarlyExitModel, threads: int) -> OnnxEarlyExitModel:
+    """The checkpoint an export came from, exported again at full depth (no internal head) and quantized as the export
+    is: what full depth costs on ONNX Runtime."""
+    with tempfile.TemporaryDirectory(prefix="de3bert-bench-") as scratch:  # the session keeps its graph in memory
+        folder = Path(scratch) / FULL_DEPTH
+        export_checkpoint(source_checkpoint(exported), folder, exported.export.quantization, FULL_DEPTH)
+        return OnnxEarlyExitModel.from_pretrained(folder, threads)
+
+
 def _ort_label(quantization: str | None) -> str:
     """How rows name ONNX Runtime with a quantization ("ORT", "ORT int8")."""
     return "ORT" if quantization is None else f"ORT {quantization}"
@@ -171,19 +182,24 @@ def run_benchmark(folder: str | Path, task_name: str | None = None, data_dir: st
     encoded = encode_examples(model.tokenizer, examples, model.config.max_length)
     if settings.criterion is None and not model.config.policy:
         raise PolicyError(f"{folder} has no calibrated exit policy; give the criterion to time (--criterion)")
-    default = ExitPolicy(**model.config.policy) if model.config.policy else ExitPolicy(settings.criterion)
+    default = ExitPolicy(**(exported or model).config.policy) if model.config.policy else ExitPolicy(settings.criterion)
     criterion, lam = settings.criterion or default.criterion, default.lam
+    if exported is not None and criterion != exported.criterion:
+        raise PolicyError(f"{folder} decides exits by criterion '{exported.criterion}', not '{criterion}': bench that "
+                          "criterion, or export the checkpoint again with --criterion")
     outputs = collect_layer_outputs(model, encoded)
     probe = "every head, no exit"
     policies = {"full depth": ExitPolicy(FULL_DEPTH), probe: ExitPolicy.never_exiting(criterion, model.num_layers, lam)}
     for target in settings.targets:
         policies[f"{criterion} @ {target:g}x"] = calibrate(criterion, outputs, target, lam=lam)
-    engines = {"PyTorch": EarlyExitEngine(model, policies["full depth"])}
-    if exported is not None:
-        engines[_ort_label(exported.export.quantization)] = EarlyExitEngine(exported, policies["full depth"])
     plains = _plain_systems(model, exported, settings.threads)
-    systems = plains + [s for name, engine in engines.items()
-                        for s in _our_systems(name, engine, policies, settings.batch_size)]
+    ours = _our_systems("PyTorch", EarlyExitEngine(model, policies["full depth"]), policies, settings.batch_size)
+    if exported is not None:
+        runtime, full_depth = _ort_label(exported.export.quantization), policies.pop("full depth")
+        ours += _our_systems(runtime, EarlyExitEngine(full_depth_graph(exported, settings.threads), full_depth),
+                             {"full depth": full_depth}, settings.batch_size)
+        ours += _our_systems(runtime, EarlyExitEngine(exported, policies[probe]), policies, settings.batch_size)
+    systems = plains + ours
     reference = plains[-1].name  # the plain model on the runtime, and in the precision, ours run last on
     collator = Collator(model.tokenizer)
 
@@ -247,9 +263,9 @@ def run_benchmark(folder: str | Path, task_name: str | None = None, data_dir: st
             row["metric"] = main_metric(task, compute_metrics(task, predictions, labels))
         rows.append(row)
     by_name = {row["system"]: row for row in rows}
-    head_cost = {name: (by_name[f"ours {name}, {probe}"]["latency_mean_ms"]
-                        - by_name[f"ours {name}, full depth"]["latency_mean_ms"]) / (model.num_layers - 1)
-                 for name in engines}
+    head_cost = {runtime: (by_name[f"ours {runtime}, {probe}"]["latency_mean_ms"]
+                           - by_name[f"ours {runtime}, full depth"]["latency_mean_ms"]) / (model.num_layers - 1)
+                 for runtime in dict.fromkeys(system.runtime for system in ours)}
     mean_len = sum(len(e.input_ids) for e in encoded[:count]) / count
     return {
         "checkpoint": str(folder), "task": task.name, "split": settings.split, "backbone": model.config.backbone_name,

@@ -21,11 +21,12 @@ from de3bert.data import Example, TaskSpec, encode_examples, find_glue_task, rea
 from de3bert.errors import DataError, PolicyError
 from de3bert.exits.calibration import (RESAMPLES, TARGET_SPEEDUPS, calibrate_targets, default_promise, fastest_within,
                                        full_depth_metric, promise_of)
-from de3bert.exits.criteria import REFERENCE_CRITERION, applicable_criteria
+from de3bert.exits.criteria import CRITERIA, REFERENCE_CRITERION
 from de3bert.exits.outputs import collect_layer_outputs
 from de3bert.exits.policies import ExitPolicy
-from de3bert.exits.runners import ExitRunner
+from de3bert.exits.runners import ExitRunner, runner_criteria
 from de3bert.model.card import write_model_card
+from de3bert.model.heads import HeadReads
 from de3bert.model.config import EarlyExitConfig, write_config
 from de3bert.onnx.format import is_export, read_export_info, write_export_config
 
@@ -74,7 +75,7 @@ def read_inputs(config: EarlyExitConfig, path: str | Path, text_column: str | No
 def _criterion(model: ExitRunner, criterion: str | None) -> str:
     """The criterion to calibrate: the one asked for, else the default policy's, else the reference one."""
     stored = model.config.policy["criterion"] if model.config.policy else None
-    allowed = applicable_criteria(model.config.is_regression, model.has_prototypes, early_only=True)
+    allowed = tuple(name for name in runner_criteria(model) if CRITERIA[name].exits_early)
     chosen = criterion or stored or (REFERENCE_CRITERION if REFERENCE_CRITERION in allowed else allowed[0])
     if chosen not in allowed:
         raise PolicyError(f"criterion '{chosen}' cannot be calibrated on this model; choose one of {', '.join(allowed)}")
@@ -109,9 +110,9 @@ def calibrate_model(model: ExitRunner, examples: list[Example], inputs: str, tar
     criterion = _criterion(model, criterion)
     config = model.config
     task = model_task(config) if labelled else None
-    outputs = collect_layer_outputs(model, encode_examples(model.tokenizer, examples, config.max_length), batch_size,
-                                    progress)
     grid = _grid(config, criterion)
+    outputs = collect_layer_outputs(model, encode_examples(model.tokenizer, examples, config.max_length), batch_size,
+                                    progress, HeadReads(True, None, grid["lam"]))
     rows = calibrate_targets(criterion, outputs, targets, task, resamples, seed, **grid)
     full = full_depth_metric(outputs, task) if task is not None else None
     if full is not None:

@@ -1,21 +1,21 @@
 """Early-exit inference that really stops computing.
 
-The engine runs a pool of inputs layer by layer. After every layer the policy decides which rows
-exit; those rows are recorded and dropped from the pool (hidden states, attention mask, policy
-state), and only the remaining rows go through the next layer. The remaining rows are re-packed
-into dense compute chunks of `batch_size` rows, each cut to the padding its longest row needs, so
-late layers still run on full batches instead of on the few survivors of one batch. A batch of
-one therefore stops at its exit layer. Only the parts of a head the policy reads are computed
-(patience and entropy policies skip the prototypical network; full depth skips internal heads).
-
-The loop is the same on every runtime: the model (an `ExitRunner`, `runners.py`) computes embeddings,
-layers and heads — PyTorch for an `EarlyExitModel`, ONNX Runtime for an `OnnxEarlyExitModel`.
+The engine tokenizes inputs, sorts them by length into pools of `pool_size` and runs each pool in
+compute chunks of `batch_size` rows. A model that decides exits by itself (the exported graph) gets
+the chunks and the policy. Any other is stepped through by the engine's layer loop (`step_layers`):
+after every layer the policy decides which rows exit; those rows are recorded and dropped from the
+pool (hidden states, attention mask, policy state), and only the remaining rows go through the next
+layer, re-packed into dense chunks, each cut to the padding its longest row needs, so late layers
+still run on full batches instead of on the few survivors of one batch. A batch of one therefore
+stops at its exit layer. Only the parts of a head the policy reads are computed (patience and
+entropy policies skip the prototypical network; full depth skips internal heads).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -23,18 +23,8 @@ from de3bert.data import Collator, Example, encode_examples
 from de3bert.devices import resolve_device
 from de3bert.errors import PolicyError
 from de3bert.exits.policies import ExitPolicy
-from de3bert.exits.runners import ExitRunner
+from de3bert.exits.runners import BatchExits, ExitRunner, LayerRunner, check_criterion, is_self_exiting
 from de3bert.model.heads import HeadOutput
-
-
-@dataclass
-class BatchExits:
-    """Engine results for one batch, in input order."""
-
-    logits: torch.Tensor  # (B, C) logits of the exit layer
-    predictions: torch.Tensor  # (B,) class index, or regression score
-    exit_layers: torch.Tensor  # (B,) 1-based layer each input left at
-    indicators: torch.Tensor  # (B,) the policy's indicator at the exit layer
 
 
 @dataclass
@@ -73,7 +63,7 @@ def _concat(outputs: list[HeadOutput]) -> HeadOutput:
 class EarlyExitEngine:
     """Runs a model layer by layer and stops each input at the layer its policy picks.
 
-    model: any ExitRunner — an EarlyExitModel (PyTorch) or an OnnxEarlyExitModel (an exported folder on ONNX
+    model: any ExitRunner — an EarlyExitModel (PyTorch) or an OnnxEarlyExitModel (an exported graph on ONNX
     Runtime), as `load_model` gives them.
     device: where to run it ("auto", "cpu", "cuda", "cuda:N"; None: where it is). Results come back on the CPU.
     batch_size: rows per compute chunk. pool_size: inputs run together layer by layer by
@@ -90,6 +80,8 @@ class EarlyExitEngine:
         if device is not None:
             model.to(resolve_device(device))
         self.model = model.eval()
+        # chosen once: a model that decides exits by itself, or the engine's loop through its layers
+        self._exit_batch = model.exit_batch if is_self_exiting(model) else partial(step_layers, model)
         self.policy = policy
         self.batch_size = batch_size
         self.pool_size = max(pool_size, batch_size)
@@ -100,6 +92,7 @@ class EarlyExitEngine:
         if policy.needs_prototypes and not model.has_prototypes:
             raise PolicyError(f"criterion '{policy.criterion}' needs prototypes, but this model's heads have none "
                               "(trained with a recipe without prototypes)")
+        check_criterion(model, policy.criterion)
 
     @torch.no_grad()
     def run_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -109,55 +102,7 @@ class EarlyExitEngine:
         rows leave the computation as they exit."""
         policy = policy or self.policy
         self._check(policy, self.model)
-        runner, num_layers, batch = self.model, self.model.num_layers, input_ids.shape[0]
-        chunk_size = chunk_size or batch
-        hidden = runner.embed(input_ids, token_type_ids)
-        hidden, mask = _trim_padding(hidden, attention_mask.to(hidden.device))
-        state = policy.initial_state(batch, hidden.device)
-        active = torch.arange(batch, device=hidden.device)
-        width = self.model.config.num_labels
-        logits = hidden.new_zeros(batch, width)
-        exit_layers = torch.zeros(batch, dtype=torch.long, device=hidden.device)
-        indicators = hidden.new_zeros(batch)
-        chunks = None
-        for index in range(num_layers):
-            is_last = index == num_layers - 1
-            reads = policy.head_reads if is_last or policy.reads_internal_heads else None
-            if chunks is None:  # (re-)pack the active rows into dense chunks, each with its own padding and mask
-                chunks = []
-                for start in range(0, hidden.shape[0], chunk_size):
-                    chunk_hidden, chunk_mask = _trim_padding(hidden[start:start + chunk_size],
-                                                             mask[start:start + chunk_size])
-                    chunks.append([start, chunk_hidden, chunk_mask, runner.context(chunk_hidden, chunk_mask)])
-            outputs = []
-            for chunk in chunks:
-                start, chunk_hidden, chunk_mask, context = chunk
-                chunk[1], output = runner.run_layer(index, chunk_hidden, chunk_mask, context, reads)
-                outputs.append(output)
-            if reads is None:
-                continue
-            output = _concat(outputs)
-            step = policy.step(output, state, is_last=is_last)
-            state = step.state
-            if not step.exits.any():  # the common case at batch 1: nothing to record or re-pack
-                continue
-            leaving = active[step.exits]
-            logits[leaving] = output.logits[step.exits].to(logits.dtype)
-            indicators[leaving] = step.indicator[step.exits].to(indicators.dtype)
-            exit_layers[leaving] = index + 1
-            staying = ~step.exits
-            if not staying.any():
-                break
-            if len(chunks) == 1:
-                hidden, mask = chunks[0][1], chunks[0][2]
-            else:
-                for start, chunk_hidden, _, _ in chunks:
-                    hidden[start:start + chunk_size, :chunk_hidden.shape[1]] = chunk_hidden
-            active, state = active[staying], state.select(staying)
-            hidden, mask = _trim_padding(hidden[staying], mask[staying])
-            chunks = None
-        predictions = logits.squeeze(-1) if width == 1 else logits.argmax(-1)
-        return BatchExits(logits.cpu(), predictions.cpu(), exit_layers.cpu(), indicators.cpu())
+        return self._exit_batch(input_ids, attention_mask, token_type_ids, policy, chunk_size or input_ids.shape[0])
 
     def run_examples(self, examples: list[Example], policy: ExitPolicy | None = None) -> BatchExits:
         """Early-exit results for examples, in input order: pools of similar length, dense chunks."""
@@ -194,3 +139,58 @@ class EarlyExitEngine:
             probs = results.logits[row].softmax(-1).tolist()
             predictions.append(Prediction(labels[int(results.predictions[row])], dict(zip(labels, probs)), layer, indicator))
         return predictions
+
+
+def step_layers(runner: LayerRunner, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None, policy: ExitPolicy, chunk_size: int) -> BatchExits:
+    """The engine's layer loop: a padded batch through a model's layers, rows leaving as the policy exits them,
+    the others re-packed into chunks of chunk_size rows after every layer where some left."""
+    num_layers, batch = runner.num_layers, input_ids.shape[0]
+    hidden = runner.embed(input_ids, token_type_ids)
+    hidden, mask = _trim_padding(hidden, attention_mask.to(hidden.device))
+    state = policy.initial_state(batch, hidden.device)
+    active = torch.arange(batch, device=hidden.device)
+    width = runner.config.num_labels
+    logits = hidden.new_zeros(batch, width)
+    exit_layers = torch.zeros(batch, dtype=torch.long, device=hidden.device)
+    indicators = hidden.new_zeros(batch)
+    chunks = None
+    for index in range(num_layers):
+        is_last = index == num_layers - 1
+        reads = policy.head_reads if is_last or policy.reads_internal_heads else None
+        if chunks is None:  # (re-)pack the active rows into dense chunks, each with its own padding and mask
+            chunks = []
+            for start in range(0, hidden.shape[0], chunk_size):
+                chunk_hidden, chunk_mask = _trim_padding(hidden[start:start + chunk_size],
+                                                         mask[start:start + chunk_size])
+                chunks.append([start, chunk_hidden, chunk_mask, runner.context(chunk_hidden, chunk_mask)])
+        outputs = []
+        for chunk in chunks:
+            start, chunk_hidden, chunk_mask, context = chunk
+            chunk[1], output = runner.run_layer(index, chunk_hidden, chunk_mask, context, reads)
+            outputs.append(output)
+        if reads is None:
+            continue
+        output = _concat(outputs)
+        step = policy.step(output, state, is_last=is_last)
+        state = step.state
+        if not step.exits.any():  # the common case at batch 1: nothing to record or re-pack
+            continue
+        leaving = active[step.exits]
+        logits[leaving] = output.logits[step.exits].to(logits.dtype)
+        indicators[leaving] = step.indicator[step.exits].to(indicators.dtype)
+        exit_layers[leaving] = index + 1
+        staying = ~step.exits
+        if not staying.any():
+            break
+        if len(chunks) == 1:
+            hidden, mask = chunks[0][1], chunks[0][2]
+        else:
+            for start, chunk_hidden, _, _ in chunks:
+                hidden[start:start + chunk_size, :chunk_hidden.shape[1]] = chunk_hidden
+        active, state = active[staying], state.select(staying)
+        hidden, mask = _trim_padding(hidden[staying], mask[staying])
+        chunks = None
+    predictions = logits.squeeze(-1) if width == 1 else logits.argmax(-1)
+    return BatchExits(logits.cpu(), predictions.cpu(), exit_layers.cpu(), indicators.cpu())
+

@@ -20,6 +20,7 @@ from de3bert.exits.indicators import class_probabilities
 from de3bert.exits.outputs import collect_layer_outputs
 from de3bert.exits.policies import ExitPolicy
 from de3bert.exits.runners import ExitRunner
+from de3bert.model.heads import HeadReads
 
 CHANGE_VALUES = {"prediction": "prediction_changed", "output": "score_change"}
 """What the per-layer values of a criterion that compares across layers hold (criteria.CHANGES)."""
@@ -88,8 +89,8 @@ def explain_exits(model: ExitRunner, policy: ExitPolicy, texts: list[str],
     pairs) under `policy`, and the layer the policy stops each one at, in input order.
 
     Runs the model's every-head forward on the inputs (tokenized as the engine does) and feeds each layer's head
-    output to `policy.step` in turn, exactly as `simulate_exits` does; heads are read from their logits and
-    distances, so a request's λ applies even where an exported graph computed the indicators with another.
+    output to `policy.step` in turn, exactly as `simulate_exits` does; an exported graph computes its indicator with
+    the policy's λ.
     """
     if model.tokenizer is None:
         raise PolicyError("the model has no tokenizer; explanations need raw texts to tokenize")
@@ -98,7 +99,7 @@ def explain_exits(model: ExitRunner, policy: ExitPolicy, texts: list[str],
         raise PolicyError(f"got {len(texts)} texts but {len(pairs)} text pairs")
     encoded = encode_examples(model.tokenizer, [Example(a, b, -1) for a, b in zip(texts, pairs)],
                               model.config.max_length)
-    heads = collect_layer_outputs(model, encoded, batch_size).heads()
+    heads = collect_layer_outputs(model, encoded, batch_size, reads=HeadReads(True, None, policy.lam)).heads()
     labels = model.config.label_names
     state = policy.initial_state(len(texts))
     exit_layers = [0] * len(texts)

@@ -30,6 +30,9 @@ def measure(criterion: Criterion, output: HeadOutput, previous: torch.Tensor | N
         changed = torch.ones_like(prediction, dtype=torch.bool) if previous is None else prediction != previous
         return changed.float(), prediction
     if computed:
+        if criterion.indicator not in computed:  # an export's graph computes the indicator of its own criterion only
+            raise PolicyError(f"criterion '{criterion.name}' reads the indicator {criterion.indicator}, which these "
+                              f"heads did not compute (they give {', '.join(sorted(set(computed) - {'prediction'}))})")
         return computed[criterion.indicator], computed["prediction"]
     if criterion.indicator in PROTOTYPE_INDICATORS and output.distances is None:
         raise PolicyError(f"criterion '{criterion.name}' needs prototype distances, but the head gave none")

@@ -19,19 +19,24 @@ from de3bert.model.heads import HeadOutput, HeadReads
 
 @dataclass
 class LayerOutputs:
-    """Every exit head's output on a dataset: logits (M, N, C), labels (N,), and distances (K, N, C) of the first
-    K layers, those with a prototypical network (K = M − 1 when the last layer has none), or None."""
+    """Every exit head's output on a dataset: logits (M, N, C), labels (N,), distances (K, N, C) of the first K
+    layers, those with a prototypical network (K = M − 1 when the last layer has none), or None; and indicators,
+    name -> (M, N), where a graph computed them next to its heads (an export's criterion), or None."""
 
     logits: torch.Tensor
     distances: torch.Tensor | None
     labels: torch.Tensor
+    indicators: dict[str, torch.Tensor] | None = None
 
     @classmethod
     def from_layers(cls, layers: list[HeadOutput], labels: torch.Tensor) -> LayerOutputs:
         """Stack one batch's per-layer head outputs (float32, on the CPU)."""
         distances = [layer.distances.float().cpu() for layer in layers if layer.distances is not None]
+        computed = layers[0].indicators
+        indicators = {name: torch.stack([layer.indicators[name].cpu() for layer in layers])
+                      for name in computed} if computed else None
         return cls(torch.stack([layer.logits.float().cpu() for layer in layers]),
-                   torch.stack(distances) if distances else None, labels)
+                   torch.stack(distances) if distances else None, labels, indicators)
 
     @property
     def num_layers(self) -> int:
@@ -41,8 +46,15 @@ class LayerOutputs:
     def heads(self) -> list[HeadOutput]:
         """Per-layer HeadOutputs, the form policies read."""
         with_distances = 0 if self.distances is None else self.distances.shape[0]
-        return [HeadOutput(self.logits[m], self.distances[m] if m < with_distances else None)
+        return [HeadOutput(self.logits[m], self.distances[m] if m < with_distances else None,
+                           None if self.indicators is None else {name: v[m] for name, v in self.indicators.items()})
                 for m in range(self.num_layers)]
+
+    def select(self, rows: torch.Tensor, labelled: bool = True) -> LayerOutputs:
+        """The outputs of some inputs (indices into N); labelled=False: their labels replaced by −1."""
+        labels = self.labels[rows] if labelled else torch.full((len(rows),), -1)
+        return LayerOutputs(self.logits[:, rows], None if self.distances is None else self.distances[:, rows], labels,
+                            None if self.indicators is None else {k: v[:, rows] for k, v in self.indicators.items()})
 
     def predictions(self) -> torch.Tensor:
         """(M, N) prediction of every exit: class index, or score for regression."""
@@ -63,7 +75,9 @@ def collect_layer_outputs(model: ExitRunner, examples: list[EncodedExample], bat
     model.train(was_training)
     return LayerOutputs(torch.cat([p.logits for p in parts], 1),
                         None if parts[0].distances is None else torch.cat([p.distances for p in parts], 1),
-                        torch.cat([p.labels for p in parts]))
+                        torch.cat([p.labels for p in parts]),
+                        None if parts[0].indicators is None else {name: torch.cat([p.indicators[name] for p in parts], 1)
+                                                                  for name in parts[0].indicators})
 
 
 def task_metrics(task: TaskSpec, predictions: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:

@@ -1,248 +1,153 @@
-"""`de3bert export`: a checkpoint as ONNX graphs that an engine can stop between (layout: format.py).
+"""`de3bert export`: a checkpoint as one self-exiting ONNX graph (layout: format.py; construction: graph.py).
 
-Every graph is traced from the PyTorch code the engine runs — `Backbone.embed`, `Backbone.run_layer`,
-`ExitHead` and `exits.indicators.head_indicators` — with dynamic batch and sequence axes, then optimized
-offline by ONNX Runtime (layer-norm, GELU and matmul fusions), optionally quantized to int8, and
-checked against PyTorch on inputs of another shape than the traced ones: a float32 graph whose
-outputs differ from PyTorch's by more than TOLERANCE (relative to the outputs' scale) fails the
-export. Attention is traced in its eager form with the padding mask added as a bias computed once
-per chunk (context.onnx); that form measured fastest on ONNX Runtime, ahead of the decomposed SDPA
-of the torch.export-based exporter and of ONNX Runtime's fused Attention operator at batch 32.
+The graph is built from pieces traced from the PyTorch code the engine runs (tracing.py) and checked twice:
+every piece against its PyTorch module, and the whole graph against the PyTorch engine — labels, exit
+layers and exit logits under the exported policy — on token batches of other shapes than the traced ones.
+A float32 export that disagrees fails; an int8 one records how often it agrees. The folder is written
+atomically. The exporter never imports the ONNX Runtime model (runtime.py): both read format.py.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
-import warnings
-from dataclasses import dataclass, field
+import tempfile
 from importlib.metadata import version
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import PretrainedConfig
 
 from de3bert.atomic import replace_directory
-from de3bert.errors import ExportError
-from de3bert.exits.indicators import head_indicators
-from de3bert.model.backbones import LayerContext
+from de3bert.errors import ExportError, PolicyError
+from de3bert.exits.calibration import policy_for_speedup
+from de3bert.exits.criteria import CRITERIA, applicable_criteria, get_criterion
+from de3bert.exits.engine import EarlyExitEngine
+from de3bert.exits.policies import ExitPolicy
 from de3bert.model.config import checkpoint_digest
 from de3bert.model.modeling import EarlyExitModel, plain_classifier
-from de3bert.onnx.format import QUANTIZATIONS, OnnxExportInfo, graph_name, write_export_config
+from de3bert.onnx.format import GRAPH_NAME, OUTPUTS, QUANTIZATIONS, OnnxExportInfo, write_export_config
+from de3bert.onnx.graph import build_exit_graph
 from de3bert.onnx.sessions import Graph, inference_session, onnxruntime
+from de3bert.onnx.tracing import OPSET, TOLERANCE, GraphSpec, build_piece, example_batch
 
-OPSET = 17
-TOLERANCE = 1e-3
-PADDING_BIAS = torch.finfo(torch.float32).min
-
-
-class EmbeddingsGraph(nn.Module):
-    """Token ids → embedding output (B, T, H)."""
-
-    def __init__(self, model: EarlyExitModel):
-        super().__init__()
-        self.backbone = model.backbone
-
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Embedding output for token ids."""
-        return self.backbone.embed(input_ids, token_type_ids)
+VALIDATION_BATCHES = ((7, 13, 3), (1, 9, 4), (32, 6, 5))
+"""(rows, tokens, seed) of the token batches the graph is checked on: other shapes than the traced ones."""
+ROUNDING = 1e-4
+"""How close to τ (or to a tie of the two top logits) a row's decision may lie for rounding between runtimes to
+move its exit: such a row may disagree without failing the export."""
 
 
-class ContextGraph(nn.Module):
-    """Padding mask (B, T) → the additive attention bias (B, 1, 1, T) and, for MPNet, the position bias."""
-
-    def __init__(self, model: EarlyExitModel):
-        super().__init__()
-        self.backbone = model.backbone
-
-    def forward(self, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """What every layer of a chunk reads besides its hidden states."""
-        bias = (1.0 - attention_mask[:, None, None, :].float()) * PADDING_BIAS
-        position_bias = self.backbone.position_bias(attention_mask.unsqueeze(-1))  # only the shape (B, T) matters
-        return (bias,) if position_bias is None else (bias, position_bias)
-
-
-class LayerGraph(nn.Module):
-    """Layer ``index`` of the backbone: hidden states → hidden states."""
-
-    def __init__(self, model: EarlyExitModel, index: int):
-        super().__init__()
-        self.backbone = model.backbone
-        self.index = index
-
-    def forward(self, hidden: torch.Tensor, attention_bias: torch.Tensor,
-                position_bias: torch.Tensor | None = None) -> torch.Tensor:
-        """Hidden states after the layer."""
-        return self.backbone.run_layer(self.index, hidden, LayerContext(attention_bias, position_bias))
+def exported_policy(model: EarlyExitModel, criterion: str | None = None) -> ExitPolicy:
+    """The policy an export fixes: the checkpoint's calibrated one, or for another criterion its calibrated policy at
+    the same target speed-up (full depth: no threshold to calibrate)."""
+    stored = ExitPolicy(**model.config.policy) if model.config.policy else None
+    if criterion is None or (stored is not None and stored.criterion == criterion):
+        if stored is None:
+            raise PolicyError("the checkpoint has no calibrated exit policy; give --criterion")
+        return stored
+    supported = applicable_criteria(model.config.is_regression, model.has_prototypes)
+    if criterion not in supported:
+        get_criterion(criterion)  # an unknown name says so
+        raise PolicyError(f"criterion '{criterion}' does not apply to this model; choose one of {', '.join(supported)}")
+    if not CRITERIA[criterion].exits_early:
+        return ExitPolicy(criterion)
+    target = model.config.policy_selection.get("target_speedup", 2.0)
+    return policy_for_speedup(model.config.calibration, criterion, target)
 
 
-class HeadGraph(nn.Module):
-    """Exit head ``index`` — with its prototypical network or without — and every indicator a policy reads
-    from it (λ of EDR is an input)."""
-
-    def __init__(self, model: EarlyExitModel, index: int, with_prototypes: bool):
-        super().__init__()
-        self.head = model.heads[index]
-        self.with_prototypes = with_prototypes
-
-    def outputs(self, hidden: torch.Tensor, attention_mask: torch.Tensor,
-                lam: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """The head's outputs by name: logits, distances (with prototypes), prediction and indicators."""
-        output = self.head(hidden, attention_mask, with_prototypes=self.with_prototypes)
-        named = {"logits": output.logits}
-        if output.distances is not None:
-            named["distances"] = output.distances
-        return named | head_indicators(output.logits, output.distances, lam)
-
-    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor,
-                lam: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-        """The outputs in the order of `outputs`."""
-        return tuple(self.outputs(hidden, attention_mask, lam).values())
-
-
-@dataclass
-class GraphSpec:
-    """One graph to export: its file name, module, example inputs by name, output names and dynamic axes."""
-
-    name: str
-    module: nn.Module
-    inputs: dict[str, torch.Tensor]
-    outputs: list[str]
-    axes: dict[str, dict[int, str]] = field(default_factory=dict)
-
-
-def example_batch(config: PretrainedConfig, batch: int, length: int, seed: int) -> dict[str, torch.Tensor]:
-    """Random token ids of a backbone with right padding of varying lengths (the first row unpadded)."""
-    generator = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(5, config.vocab_size, (batch, length), generator=generator)
-    lengths = torch.randint(1, length + 1, (batch,), generator=generator)
-    lengths[0] = length
-    mask = (torch.arange(length).unsqueeze(0) < lengths.unsqueeze(1)).long()
-    input_ids = torch.where(mask.bool(), input_ids, torch.full_like(input_ids, config.pad_token_id or 0))
-    return {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(input_ids)}
-
-
-@torch.no_grad()
-def graph_specs(model: EarlyExitModel, batch: dict[str, torch.Tensor]) -> list[GraphSpec]:
-    """Every graph of an export, with example inputs computed by PyTorch from a token batch."""
-    tokens, positions = {0: "batch", 1: "tokens"}, {0: "batch"}
-    embed_inputs = {"input_ids": batch["input_ids"]}
-    if model.backbone.config.model_type != "mpnet":  # MPNet has no token types
-        embed_inputs["token_type_ids"] = batch["token_type_ids"]
-    embeddings = EmbeddingsGraph(model).eval()  # wrappers in eval mode: the exporter restores each module's mode
-    hidden = embeddings(**embed_inputs)
-    context = ContextGraph(model).eval()
-    biases = context(batch["attention_mask"])
-    context_outputs = ["attention_bias", "position_bias"][:len(biases)]
-    specs = [GraphSpec(graph_name("embeddings"), embeddings, embed_inputs, ["hidden"],
-                       dict.fromkeys([*embed_inputs, "hidden"], tokens)),
-             GraphSpec(graph_name("context"), context, {"attention_mask": batch["attention_mask"]}, context_outputs,
-                       {"attention_mask": tokens, "attention_bias": {0: "batch", 3: "tokens"},
-                        "position_bias": {0: "batch", 2: "tokens", 3: "tokens"}})]
-    for index in range(model.num_layers):
-        layer = LayerGraph(model, index).eval()
-        layer_inputs = {"hidden": hidden, **dict(zip(context_outputs, biases))}
-        specs.append(GraphSpec(graph_name("layer", index), layer, layer_inputs, ["layer_output"],
-                               {"hidden": tokens, "layer_output": tokens, **specs[1].axes}))
-        hidden = layer(**layer_inputs)
-        head_inputs = {"hidden": hidden, "attention_mask": batch["attention_mask"]}
-        heads = [("head", HeadGraph(model, index, False).eval(), head_inputs)]
-        if model.heads[index].has_prototypes:
-            heads.append(("prototype_head", HeadGraph(model, index, True).eval(),
-                          head_inputs | {"lam": torch.tensor(1.0)}))
-        for piece, head, inputs in heads:
-            names = list(head.outputs(**inputs))
-            specs.append(GraphSpec(graph_name(piece, index), head, inputs, names,
-                                   {"hidden": tokens, "attention_mask": tokens} | dict.fromkeys(names, positions)))
-    return specs
-
-
-def trace_graph(spec: GraphSpec, path: Path) -> None:
-    """Trace a module into an ONNX file with its dynamic axes and the shapes of every intermediate named
-    consistently (ONNX Runtime fuses residual additions into its layer norms only where shapes are known)."""
-    import onnx
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-    with warnings.catch_warnings():  # the TorchScript-based exporter is deprecated and chatty; it is the faster one
-        warnings.simplefilter("ignore")
-        torch.onnx.export(spec.module, tuple(spec.inputs.values()), str(path), dynamo=False, opset_version=OPSET,
-                          input_names=list(spec.inputs), output_names=spec.outputs,
-                          dynamic_axes={k: v for k, v in spec.axes.items() if k in [*spec.inputs, *spec.outputs]})
-    onnx.save(SymbolicShapeInference.infer_shapes(onnx.load(str(path)), auto_merge=True), str(path))
-
-
-def export_graph(spec: GraphSpec, folder: Path, quantize: str | None, check: dict[str, torch.Tensor]) -> float:
-    """Trace, optimize and (optionally) quantize one graph into folder/spec.name, and return its largest
-    difference from PyTorch on the `check` inputs; a float32 graph off by more than TOLERANCE is an ExportError."""
-    traced, target = folder / f".traced.{spec.name}", folder / spec.name
-    try:
-        trace_graph(spec, traced)
-        inference_session(traced, optimized_path=target)
-        if quantize == "int8":
-            from onnxruntime.quantization import QuantType, quantize_dynamic
-
-            target.rename(traced)
-            logging.disable(logging.WARNING)  # it advises pre-processing: shape inference and optimization, done above
-            try:
-                quantize_dynamic(traced, target, weight_type=QuantType.QInt8, per_channel=True)
-            finally:
-                logging.disable(logging.NOTSET)
-    except Exception as exc:  # the tracer and ONNX Runtime raise many types; name the graph
-        raise ExportError(f"graph {spec.name} could not be exported: {str(exc).splitlines()[0]}") from exc
-    finally:
-        traced.unlink(missing_ok=True)
-    difference = max_difference(spec, target, check)
-    if quantize is None and difference > TOLERANCE:
-        raise ExportError(f"graph {spec.name} differs from PyTorch by {difference:.2e} (relative; tolerance "
-                          f"{TOLERANCE:g}): not exported")
-    return difference
-
-
-def max_difference(spec: GraphSpec, path: Path, inputs: dict[str, torch.Tensor]) -> float:
-    """Largest |ONNX Runtime − PyTorch| over a graph's float outputs, relative to their scale (at least 1)."""
-    with torch.no_grad():
-        expected = spec.module(**inputs)
-    expected = expected if isinstance(expected, tuple) else (expected,)
-    outputs = Graph(inference_session(path)).run(spec.outputs, {name: value.numpy() for name, value in inputs.items()})
-    worst = 0.0
-    for reference, output in zip(expected, outputs):
-        if reference.is_floating_point():
-            scale = max(1.0, float(reference.abs().max()))
-            worst = max(worst, float((torch.from_numpy(output) - reference).abs().max()) / scale)
-    return worst
-
-
-def export_checkpoint(checkpoint: str | Path, output: str | Path, quantize: str | None = None) -> OnnxExportInfo:
+def export_checkpoint(checkpoint: str | Path, output: str | Path, quantize: str | None = None,
+                      criterion: str | None = None) -> OnnxExportInfo:
     """Write the ONNX export of a checkpoint to `output` (atomically) and return what it holds.
 
-    quantize: None (float32) or "int8": ONNX Runtime's dynamic quantization of every graph (what it quantizes:
-    the matrix products of the layers and the embedding tables; the heads' dense layers stay float32).
+    quantize: None (float32) or "int8": ONNX Runtime's dynamic quantization of every piece, inside the graph's
+    control flow too (the layers' matrix products, the embedding tables and the heads' dense layers).
+    criterion: the exit criterion fixed in the graph (None: the checkpoint's default policy's; another one takes its
+    calibrated threshold at the default's target speed-up).
     """
     if quantize not in (None, *QUANTIZATIONS):
         raise ExportError(f"unknown quantization '{quantize}'; choose one of {', '.join(QUANTIZATIONS)}")
     onnxruntime()  # a missing ONNX Runtime fails here, before any work
+    import onnx
+
     checkpoint, output = Path(checkpoint), Path(output)
     model = EarlyExitModel.from_pretrained(checkpoint)
-    model.backbone.encoder.set_attn_implementation("eager")  # the form that runs fastest on ONNX Runtime
-    info = OnnxExportInfo(quantization=quantize, opset=OPSET,
-                          source={"checkpoint": str(checkpoint.resolve()), "weights_sha256": checkpoint_digest(checkpoint)},
-                          versions={name: version(name) for name in ("torch", "onnx", "onnxruntime")})
-    # checked on another shape than the traced one, so that the axes are known to be dynamic
-    checks = {spec.name: spec.inputs for spec in graph_specs(model, example_batch(model.backbone.config, 3, 11, 1))}
+    policy = exported_policy(model, criterion)
     staging = output.with_name(f".{output.name}.tmp{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        for spec in graph_specs(model, example_batch(model.backbone.config, 2, 8, 0)):
-            info.validation[spec.name] = export_graph(spec, staging, quantize, checks[spec.name])
+        with tempfile.TemporaryDirectory(prefix="de3bert-pieces-") as scratch:
+            graph = build_exit_graph(model, policy, Path(scratch), quantize)
+        onnx.save(graph.model, str(staging / GRAPH_NAME))
+        validation = {"pieces": graph.pieces} | agreement_with_pytorch(model, policy, staging / GRAPH_NAME,
+                                                                       strict=quantize is None)
+        info = OnnxExportInfo(criterion=policy.criterion, policy=policy.to_dict(), inputs=graph.inputs,
+                              quantization=quantize, opset=OPSET, validation=validation,
+                              source={"checkpoint": str(checkpoint.resolve()),
+                                      "weights_sha256": checkpoint_digest(checkpoint)},
+                              versions={name: version(name) for name in ("torch", "onnx", "onnxruntime")})
         model.tokenizer.save_pretrained(staging)
+        model.config.policy = policy.to_dict()  # the export serves the policy it fixes
         write_export_config(model.config, info, staging)
         replace_directory(staging, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return info
+
+
+@torch.no_grad()
+def agreement_with_pytorch(model: EarlyExitModel, policy: ExitPolicy, path: Path, strict: bool) -> dict:
+    """How the graph at `path` agrees with the PyTorch engine under its policy on random token batches: the share of
+    rows with the same label and exit layer, and the largest relative difference of their exit logits. strict: an
+    ExportError where they differ beyond rounding (a row whose decision lies within ROUNDING of τ or of a tie may
+    differ; `excused` counts them)."""
+    graph = Graph(inference_session(path))
+    engine = EarlyExitEngine(model, policy)
+    rows = same_label = same_exit = excused = 0
+    worst = 0.0
+    for size, length, seed in VALIDATION_BATCHES:
+        batch = example_batch(model.backbone.config, size, length, seed)
+        expected = engine.run_batch(**batch)
+        logits, exit_layers, _ = (torch.from_numpy(value) for value in graph.run(
+            list(OUTPUTS), {name: value.numpy() for name, value in batch.items()}))
+        predictions = logits.squeeze(-1) if logits.shape[-1] == 1 else logits.argmax(-1)
+        labels = (predictions == expected.predictions) if logits.shape[-1] > 1 else torch.ones(size, dtype=torch.bool)
+        exits = exit_layers == expected.exit_layers
+        agree = labels & exits
+        near = near_decision(model, policy, batch) & ~agree
+        if strict and not bool((agree | near).all()):
+            row = int((~(agree | near)).nonzero()[0])
+            raise ExportError(f"the exported graph disagrees with PyTorch on a random input (row {row} of a batch of "
+                              f"{size}: exit layer {int(exit_layers[row])} against {int(expected.exit_layers[row])}): "
+                              "not exported")
+        scale = expected.logits[exits].abs().max().clamp_min(1.0) if exits.any() else torch.tensor(1.0)
+        difference = float((logits[exits] - expected.logits[exits]).abs().max() / scale) if exits.any() else 0.0
+        if strict and difference > TOLERANCE:
+            raise ExportError(f"the exported graph's exit logits differ from PyTorch's by {difference:.2e} "
+                              f"(relative; tolerance {TOLERANCE:g}): not exported")
+        rows, same_label, same_exit = rows + size, same_label + int(labels.sum()), same_exit + int(exits.sum())
+        excused, worst = excused + int(near.sum()), max(worst, difference)
+    return {"rows": rows, "same_label": same_label / rows, "same_exit_layer": same_exit / rows, "excused": excused,
+            "max_logit_difference": worst}
+
+
+def near_decision(model: EarlyExitModel, policy: ExitPolicy, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Rows (B,) whose measure at some layer lies within ROUNDING of τ, or whose two top logits tie within it: where
+    rounding between runtimes may move an exit or a label."""
+    outputs = model.layer_outputs(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+    near = torch.zeros(batch["input_ids"].shape[0], dtype=torch.bool)
+    previous, bar = None, policy.threshold if policy.spec.fixed_threshold is None else policy.spec.fixed_threshold
+    for output in outputs:
+        logits = output.logits.float()
+        if logits.shape[-1] > 1:
+            top = logits.topk(2, -1).values
+            near |= (top[:, 0] - top[:, 1]).abs() <= ROUNDING * top.abs().max(-1).values.clamp_min(1.0)
+        if output.distances is None and policy.needs_prototypes:
+            continue  # the last layer: everything exits, no measure
+        value, previous = policy.indicator(output, previous)
+        near |= torch.isfinite(value) & ((value - bar).abs() <= ROUNDING * max(1.0, abs(bar)))
+    return near.cpu()
 
 
 class PlainGraph(nn.Module):
@@ -260,13 +165,18 @@ class PlainGraph(nn.Module):
 
 def export_plain_classifier(model: EarlyExitModel, folder: Path, quantize: str | None = None) -> Path:
     """The plain classifier of the model's backbone (`plain_classifier`) exported whole to folder/plain.onnx —
-    traced, optimized, quantized and validated as our graphs are: the reference a user deploying on ONNX Runtime
-    would otherwise pick. Returns the graph's path."""
+    traced, optimized, quantized and validated as the pieces of our graph are: the reference a user deploying on
+    ONNX Runtime would otherwise pick. Returns the graph's path."""
+    import onnx
+
     plain = plain_classifier(model)
-    plain.set_attn_implementation("eager")  # as our graphs: the form that runs fastest on ONNX Runtime
+    plain.set_attn_implementation("eager")  # as our pieces: the form that runs fastest on ONNX Runtime
     names = ["input_ids", "attention_mask"] + (["token_type_ids"] if model.backbone.config.model_type != "mpnet" else [])
     traced, check = (example_batch(model.backbone.config, *shape) for shape in ((2, 8, 0), (3, 11, 1)))
-    spec = GraphSpec("plain.onnx", PlainGraph(plain).eval(), {n: traced[n] for n in names}, ["logits"],
+    spec = GraphSpec("plain", PlainGraph(plain).eval(), {n: traced[n] for n in names}, ["logits"],
                      dict.fromkeys(names, {0: "batch", 1: "tokens"}) | {"logits": {0: "batch"}})
-    export_graph(spec, Path(folder), quantize, {n: check[n] for n in names})
-    return Path(folder) / spec.name
+    folder = Path(folder)
+    with tempfile.TemporaryDirectory(prefix="de3bert-plain-") as scratch:
+        piece = build_piece(spec, Path(scratch), quantize, {n: check[n] for n in names})
+    onnx.save(piece.model, str(folder / "plain.onnx"))
+    return folder / "plain.onnx"

@@ -1,13 +1,16 @@
 """The exported folder's format, which the exporter writes and the ONNX Runtime model reads.
 
-    config.json       the checkpoint's config.json with an added "onnx" section (OnnxExportInfo)
-    tokenizer files   as in the checkpoint
-    embeddings.onnx   input_ids (B, T) [, token_type_ids]  -> hidden (B, T, H)
-    context.onnx      attention_mask (B, T)                -> attention_bias (B, 1, 1, T) [, position_bias]
-    layer_NN.onnx     hidden, attention_bias [, position_bias] -> layer_output  (one per layer, NN from 01)
-    head_NN.onnx      hidden, attention_mask               -> logits, prediction, entropy, confidence
-    prototype_head_NN.onnx  hidden, attention_mask, lam    -> logits, distances, prediction, entropy, confidence,
-                      dr, edr   (the head with its prototypical network, where the layer has one)
+    model.onnx      one self-contained graph that decides exits by itself (`graph.py`):
+                    input_ids, attention_mask (B, T) int64 [, token_type_ids]        the tokens
+                    threshold (float32), patience (int64), lam (float32),            optional: defaults are the
+                    max_layer (int64)                                                exported policy's (M: no cap)
+                      -> logits (B, C) float32, exit_layer (B,) int64 (1-based), indicator (B,) float32 (NaN: none)
+    config.json     the checkpoint's config.json with an added "onnx" section (OnnxExportInfo: the criterion fixed
+                    in the graph, quantization, validation against PyTorch, versions)
+    tokenizer files as in the checkpoint
+
+Format version 1 was a graph per layer and per head, stepped by the engine in Python; its folders are refused
+with a message to export again.
 """
 
 from __future__ import annotations
@@ -22,29 +25,37 @@ from de3bert.errors import CheckpointError
 from de3bert.model.config import CONFIG_NAME, EarlyExitConfig
 
 EXPORT_SECTION = "onnx"
-EXPORT_FORMAT_VERSION = 1
+EXPORT_FORMAT_VERSION = 2
 QUANTIZATIONS = ("int8",)
-
-
-def graph_name(piece: str, index: int | None = None) -> str:
-    """File name of a graph in an exported folder: embeddings, context, or layer/head number index (0-based)."""
-    return f"{piece}.onnx" if index is None else f"{piece}_{index + 1:02d}.onnx"
+GRAPH_NAME = "model.onnx"
+OUTPUTS = ("logits", "exit_layer", "indicator")
+"""The graph's outputs, in order."""
+POLICY_INPUTS = {"threshold": "float32", "patience": "int64", "lam": "float32", "max_layer": "int64"}
+"""The graph's optional inputs and their element types; a graph offers those its criterion reads, and max_layer."""
 
 
 @dataclass
 class OnnxExportInfo:
     """The "onnx" section of an exported folder's config.json."""
 
+    criterion: str = ""
+    """The exit criterion fixed in the graph (its threshold, patience and λ are inputs; full depth is served by
+    inputs under which no row exits early)."""
+    policy: dict = field(default_factory=dict)
+    """The policy whose threshold, patience and λ are the inputs' defaults (ExitPolicy as a dict)."""
+    inputs: list[str] = field(default_factory=list)
+    """The graph's inputs, the optional ones included."""
     quantization: str | None = None
-    """None: float32 graphs; "int8": every graph dynamically quantized (ONNX Runtime's quantize_dynamic)."""
+    """None: float32; "int8": every piece dynamically quantized (ONNX Runtime's quantize_dynamic, subgraphs too)."""
     opset: int = 17
-    """ONNX opset of the graphs."""
+    """ONNX opset of the traced pieces."""
     source: dict = field(default_factory=dict)
     """The checkpoint exported: its folder (absolute) and the SHA-256 of its weights."""
-    validation: dict[str, float] = field(default_factory=dict)
-    """Every graph of the folder: its largest |ONNX Runtime − PyTorch| over its outputs, measured at export."""
+    validation: dict = field(default_factory=dict)
+    """Measured at export: every piece's largest relative |ONNX Runtime − PyTorch|, and the graph's agreement with
+    the PyTorch engine (labels, exit layers, logits) on token batches of other shapes than the traced ones."""
     exit_metrics: list[dict] = field(default_factory=list)
-    """Per exit: dev metric of the checkpoint in PyTorch and of the exported graphs (when measured after export)."""
+    """Per exit: dev metric of the checkpoint in PyTorch and of the exported graph (when measured after export)."""
     versions: dict[str, str] = field(default_factory=dict)
     """torch, onnx and onnxruntime versions that wrote the graphs."""
     format_version: int = EXPORT_FORMAT_VERSION
@@ -73,8 +84,10 @@ def read_export_info(directory: Path) -> OnnxExportInfo:
                               f"or export it with `de3bert export {directory} --output DIR`")
     section = data[EXPORT_SECTION]
     if section.get("format_version") != EXPORT_FORMAT_VERSION:
-        raise CheckpointError(f"exported folder {directory} has ONNX format version {section.get('format_version')}; "
-                              f"this de3bert reads version {EXPORT_FORMAT_VERSION}: export the checkpoint again")
+        raise CheckpointError(f"exported folder {directory} has ONNX format version {section.get('format_version')} "
+                              f"(a graph per layer, before the single self-exiting graph); this de3bert reads version "
+                              f"{EXPORT_FORMAT_VERSION}: export the checkpoint again with `de3bert export CHECKPOINT "
+                              "--output DIR`")
     try:
         return OnnxExportInfo(**section)
     except TypeError as exc:
@@ -85,5 +98,5 @@ def export_digest(directory: Path) -> str:
     """SHA-256 of an exported folder's graphs, in name order."""
     graphs = sorted(Path(directory).glob("*.onnx"))
     if not graphs:
-        raise CheckpointError(f"{directory} holds no ONNX graphs")
+        raise CheckpointError(f"{directory} holds no ONNX graph")
     return files_digest(graphs)

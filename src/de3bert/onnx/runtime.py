@@ -1,14 +1,15 @@
 """An exported folder (`de3bert export`, layout in `format.py`) loaded for inference on ONNX Runtime.
 
-`OnnxEarlyExitModel` implements the engine's `ExitRunner`, as the PyTorch `EarlyExitModel` does, so
-`EarlyExitEngine(OnnxEarlyExitModel.from_pretrained(dir))` runs the same exit loop. Head graphs compute
-the indicators next to the head (`exits.indicators.head_indicators`, traced), so the policy reads them
-instead of running a dozen small PyTorch operations per layer; only the outputs a policy reads are fetched.
+The graph decides exits by itself, so `OnnxEarlyExitModel` is a self-exiting runner (`exits.runners`): the engine
+hands it padded chunks and a policy, and it feeds the policy's threshold, patience and λ to the graph's inputs.
+The criterion is fixed in the graph; full depth is served by inputs under which no row exits early. Every
+exit's output, which calibration, evaluation and explanations read, comes from the same graph: run with the
+`max_layer` cap at m = 1..M and a patience no row reaches, each row leaves at layer m with that layer's logits
+and the criterion's indicator.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,94 +17,109 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from de3bert.errors import CheckpointError, DeviceError
+from de3bert.exits.criteria import CRITERIA, FULL_DEPTH
+from de3bert.exits.runners import BatchExits, check_criterion
+from de3bert.exits.indicators import class_probabilities
+from de3bert.exits.policies import ExitPolicy
 from de3bert.model.config import EarlyExitConfig, load_tokenizer, read_config
 from de3bert.model.heads import HeadOutput, HeadReads
-from de3bert.onnx.format import OnnxExportInfo, graph_name, read_export_info
-from de3bert.onnx.sessions import Graph, inference_session
+from de3bert.onnx.format import GRAPH_NAME, OUTPUTS, POLICY_INPUTS, OnnxExportInfo, read_export_info
+from de3bert.onnx.sessions import inference_session
 
-
-@dataclass
-class OrtContext:
-    """What every layer graph of a compute chunk reads besides its hidden states."""
-
-    attention_mask: np.ndarray  # (B, T) int64, 1 on tokens
-    attention_bias: np.ndarray  # (B, 1, 1, T) float32, 0 on tokens and a large negative value on padding
-    position_bias: np.ndarray | None  # (B, heads, T, T) float32 (MPNet), or None
-
-
-def _array(tensor: torch.Tensor, dtype: type) -> np.ndarray:
-    """A contiguous CPU numpy view of a tensor (a copy only where dtype or layout require one)."""
-    return np.ascontiguousarray(tensor.cpu().numpy(), dtype=dtype)
+NUMPY_TYPES = {"float32": np.float32, "int64": np.int64}
 
 
 class OnnxEarlyExitModel:
-    """An exported folder loaded on ONNX Runtime: the config, tokenizer and graphs the engine steps through
-    (tensors on the CPU). A policy that reads prototypes runs the head graph with the prototypical network (where
-    the layer has one), any other the head graph without it; only the outputs the policy reads are fetched, so the
-    HeadOutput holds what the PyTorch model's would."""
+    """An exported folder loaded on ONNX Runtime: the config, tokenizer and the one graph that decides exits."""
 
     training = False  # an export has no training mode
 
-    def __init__(self, config: EarlyExitConfig, export: OnnxExportInfo, graphs: dict[str, Graph],
+    def __init__(self, config: EarlyExitConfig, export: OnnxExportInfo, session,
                  tokenizer: PreTrainedTokenizerBase | None, directory: Path):
         self.config = config
         self.export = export
+        self.session = session
         self.tokenizer = tokenizer
         self.directory = directory
-        layers = range(config.backbone["num_hidden_layers"])
-        self.embeddings, self.context_graph = graphs[graph_name("embeddings")], graphs[graph_name("context")]
-        self.layers = [graphs[graph_name("layer", i)] for i in layers]
-        self.heads = [graphs[graph_name("head", i)] for i in layers]
-        self.prototype_heads = [graphs.get(graph_name("prototype_head", i)) for i in layers]
+        self.token_inputs = {i.name for i in session.get_inputs()}
+        # inputs with a default are initializers to ONNX Runtime, not inputs
+        self.policy_inputs = {i.name for i in session.get_overridable_initializers()} & set(POLICY_INPUTS)
 
     @property
     def num_layers(self) -> int:
         """Number of layers M (= number of exits)."""
-        return len(self.layers)
+        return self.config.backbone["num_hidden_layers"]
+
+    @property
+    def criterion(self) -> str:
+        """The exit criterion fixed in the graph."""
+        return self.export.criterion
 
     @property
     def has_prototypes(self) -> bool:
-        """Whether the internal exit heads carry prototypical networks (the prototype criteria read them)."""
-        return self.prototype_heads[0] is not None
+        """Whether the graph computes prototype distances (its criterion reads them)."""
+        return CRITERIA[self.criterion].reads_prototypes
 
-    def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Embedding output (B, T, H) for token ids."""
-        ids = _array(input_ids, np.int64)
-        types = np.zeros_like(ids) if token_type_ids is None else _array(token_type_ids, np.int64)
-        return torch.from_numpy(self.embeddings.run(None, {"input_ids": ids, "token_type_ids": types})[0])
+    @property
+    def criteria(self) -> tuple[str, ...]:
+        """The criteria this export serves: the one fixed in its graph, and full depth."""
+        return tuple(dict.fromkeys((self.criterion, FULL_DEPTH)))
 
-    def context(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> OrtContext:
-        """The chunk's attention bias (and MPNet's position bias), computed once for all its layers."""
-        mask = _array(attention_mask, np.int64)
-        outputs = self.context_graph.run(None, {"attention_mask": mask})
-        return OrtContext(mask, outputs[0], outputs[1] if len(outputs) > 1 else None)
+    def graph_inputs(self, policy: ExitPolicy) -> dict[str, float]:
+        """The policy inputs that make the graph run `policy` (a PolicyError for a criterion it was not exported
+        with)."""
+        check_criterion(self, policy.criterion)
+        if policy.criterion != self.criterion:  # full depth: a patience no row reaches before the last layer
+            return {"patience": self.num_layers} if "patience" in self.policy_inputs else {}
+        values = {"threshold": policy.threshold, "patience": policy.patience, "lam": policy.lam}
+        return {name: value for name, value in values.items() if name in self.policy_inputs}
 
-    def run_layer(self, index: int, hidden: torch.Tensor, attention_mask: torch.Tensor, context: OrtContext,
-                  reads: HeadReads | None) -> tuple[torch.Tensor, HeadOutput | None]:
-        """Layer graph ``index`` and, unless reads is None, the head graph with what reads asks for."""
-        feed = {"hidden": _array(hidden, np.float32), "attention_bias": context.attention_bias,
-                "position_bias": context.position_bias}
-        hidden = self.layers[index].run(None, feed)[0]
-        if reads is None:
-            return torch.from_numpy(hidden), None
-        prototype_head = self.prototype_heads[index] if reads.prototypes else None
-        head = prototype_head or self.heads[index]  # the last layer has no prototypical network
-        wanted = ("logits", "distances", "prediction", reads.indicator)
-        names = [name for name in wanted if name in head.outputs]
-        feed = {"hidden": hidden, "attention_mask": context.attention_mask, "lam": np.array(reads.lam, np.float32)}
-        values = dict(zip(names, map(torch.from_numpy, head.run(names, feed))))
-        logits, distances = values.pop("logits"), values.pop("distances", None)
-        return torch.from_numpy(hidden), HeadOutput(logits, distances, values)
+    def run_graph(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None,
+                  inputs: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The graph's (logits, exit_layer, indicator) for a padded batch and values of its policy inputs."""
+        tokens = {"input_ids": input_ids, "attention_mask": attention_mask,
+                  "token_type_ids": torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids}
+        feed = {name: np.ascontiguousarray(value.cpu().numpy(), dtype=np.int64) for name, value in tokens.items()
+                if name in self.token_inputs}
+        feed |= {name: np.array(value, NUMPY_TYPES[POLICY_INPUTS[name]]) for name, value in inputs.items()}
+        logits, exit_layers, indicators = self.session.run(list(OUTPUTS), feed)
+        return torch.from_numpy(logits), torch.from_numpy(exit_layers), torch.from_numpy(indicators)
+
+    def exit_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None,
+                   policy: ExitPolicy, chunk_size: int) -> BatchExits:
+        """Early-exit forward of a padded batch under a policy, in chunks of chunk_size rows (each cut to the
+        padding its longest row needs); the rows leave inside the graph."""
+        inputs = self.graph_inputs(policy)
+        parts = []
+        for start in range(0, input_ids.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            mask = attention_mask[rows]
+            length = int(mask.sum(-1).max())
+            types = None if token_type_ids is None else token_type_ids[rows, :length]
+            parts.append(self.run_graph(input_ids[rows, :length], mask[:, :length], types, inputs))
+        logits, exit_layers, indicators = (torch.cat(part) for part in zip(*parts))
+        if policy.criterion != self.criterion:  # full depth reads the exit head itself (its entropy), not the graph's
+            indicators = policy.indicator(HeadOutput(logits), None)[0]
+        return BatchExits(logits, class_probabilities(logits)[1], exit_layers, indicators)
 
     def layer_outputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       token_type_ids: torch.Tensor | None = None, reads: HeadReads = HeadReads(True)) -> list[HeadOutput]:
-        """Every exit head's output for a batch (no early stop): logits, and distances where reads asks for them."""
-        hidden = self.embed(input_ids, token_type_ids)
-        context = self.context(hidden, attention_mask)
+        """Every exit head's output for a batch: the logits, and the graph's criterion's indicator (λ: reads.lam)
+        with the prediction, as a head graph computes them (no prototype distances: the indicator stands for them)."""
+        if "max_layer" not in self.policy_inputs:
+            raise CheckpointError(f"the graph of {self.directory} has no max_layer input to read every exit with; "
+                                  "export the checkpoint again")
+        spec = CRITERIA[self.criterion]
+        inputs = {"patience": self.num_layers} if "patience" in self.policy_inputs else {}
+        inputs |= {"lam": reads.lam} if "lam" in self.policy_inputs else {}
         layers = []
-        for index in range(self.num_layers):
-            hidden, output = self.run_layer(index, hidden, attention_mask, context, reads)
-            layers.append(HeadOutput(output.logits, output.distances))
+        for layer in range(1, self.num_layers + 1):
+            logits, _, indicator = self.run_graph(input_ids, attention_mask, token_type_ids,
+                                                  inputs | {"max_layer": layer})
+            computed = {"prediction": class_probabilities(logits)[1]}
+            if spec.indicator is not None:  # NaN at a last layer without prototypes, as the policy gives it
+                computed[spec.indicator] = indicator
+            layers.append(HeadOutput(logits, None, computed))
         return layers
 
     def eval(self) -> OnnxEarlyExitModel:
@@ -117,7 +133,7 @@ class OnnxEarlyExitModel:
         return self
 
     def to(self, device: torch.device) -> OnnxEarlyExitModel:
-        """Itself, where `device` is the CPU: the exported graphs run on ONNX Runtime's CPU provider."""
+        """Itself, where `device` is the CPU: the exported graph runs on ONNX Runtime's CPU provider."""
         if torch.device(device).type != "cpu":
             raise DeviceError(f"an ONNX export runs on the CPU (ONNX Runtime's CPU provider), not on {device}; "
                               "use --device cpu, or the PyTorch checkpoint with --runtime torch")
@@ -125,13 +141,11 @@ class OnnxEarlyExitModel:
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, threads: int | None = None) -> OnnxEarlyExitModel:
-        """Load an exported folder written by `de3bert export`; threads: intra-op threads of every graph."""
+        """Load an exported folder written by `de3bert export`; threads: ONNX Runtime's intra-op threads."""
         directory = Path(directory)
         config = read_config(directory)
         export = read_export_info(directory)
-        missing = [name for name in export.validation if not (directory / name).exists()]
-        if missing:
-            raise CheckpointError(f"exported folder {directory} lacks {', '.join(missing[:3])}"
-                                  f"{' and more' if len(missing) > 3 else ''}; export the checkpoint again")
-        graphs = {name: Graph(inference_session(directory / name, threads)) for name in export.validation}
-        return cls(config, export, graphs, load_tokenizer(directory), directory)
+        if not (directory / GRAPH_NAME).exists():
+            raise CheckpointError(f"exported folder {directory} lacks {GRAPH_NAME}; export the checkpoint again")
+        return cls(config, export, inference_session(directory / GRAPH_NAME, threads), load_tokenizer(directory),
+                   directory)

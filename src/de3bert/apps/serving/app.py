@@ -42,11 +42,11 @@ from de3bert.apps.serving.settings import ServiceSettings
 from de3bert.data import recorded_columns
 from de3bert.errors import DataError, De3bertError, PolicyError
 from de3bert.exits.calibration import policy_for_speedup
-from de3bert.exits.criteria import CRITERIA, FULL_DEPTH, applicable_criteria, criterion_label
+from de3bert.exits.criteria import CRITERIA, FULL_DEPTH, criterion_label
 from de3bert.exits.engine import EarlyExitEngine, Prediction
 from de3bert.exits.explain import Explanation, IndicatorReading, indicator_reading
 from de3bert.exits.policies import ExitPolicy
-from de3bert.exits.runners import ExitRunner
+from de3bert.exits.runners import ExitRunner, check_criterion, runner_criteria
 
 logger = logging.getLogger("de3bert.serving")
 SETTINGS_ENV = "DE3BERT_SERVE_SETTINGS"
@@ -59,8 +59,8 @@ def model_version(checkpoint: str | Path) -> str:
 
 
 def served_criteria(model: ExitRunner) -> tuple[str, ...]:
-    """The criteria a request may ask of this model (full depth included)."""
-    return applicable_criteria(model.config.is_regression, model.has_prototypes)
+    """The criteria a request may ask of this model (full depth included; an export: the one fixed in its graph)."""
+    return runner_criteria(model)
 
 
 def resolve_policy(model: ExitRunner, default: ExitPolicy,
@@ -72,8 +72,7 @@ def resolve_policy(model: ExitRunner, default: ExitPolicy,
     allowed = served_criteria(model)
     if criterion not in CRITERIA:
         raise PolicyError(f"unknown criterion '{criterion}'; choose one of {', '.join(allowed)}")
-    if criterion not in allowed:
-        raise PolicyError(f"criterion '{criterion}' does not apply to this model; choose one of {', '.join(allowed)}")
+    check_criterion(model, criterion)
     if override.target_speedup is not None:
         if any(value is not None for value in (override.threshold, override.patience, override.lam)):
             raise PolicyError("target_speedup picks threshold, patience and λ from the calibrated table; "
