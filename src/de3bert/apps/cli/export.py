@@ -4,14 +4,11 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from de3bert.apps.cli.options import DATA_HELP, HelpFormatter, table
-from de3bert.apps.runtimes import load_model
-from de3bert.evaluation.compare import compare_exits
+from de3bert.apps.export import export_and_measure
 from de3bert.exits.criteria import CRITERIA
-from de3bert.onnx.export import export_checkpoint
-from de3bert.onnx.format import QUANTIZATIONS, write_export_config
+from de3bert.onnx.format import QUANTIZATIONS
 
 HELP = "write a checkpoint as one ONNX graph that exits by itself (any ONNX Runtime runs it; no PyTorch needed)"
 
@@ -36,16 +33,15 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     """Export, and measure what the export costs in accuracy where asked (recorded in the export's config)."""
-    info = export_checkpoint(args.checkpoint, args.output, args.quantize, args.criterion)
+    info = export_and_measure(args.checkpoint, args.output, args.quantize, args.criterion,
+                              args.quantize is not None or args.measure, args.data_dir)
     check = info.validation
     print(f"exported {args.checkpoint} to {args.output}/model.onnx ({info.quantization or 'float32'}, criterion "
           f"{info.criterion}; on {check['rows']} random inputs against PyTorch: same label "
           f"{100 * check['same_label']:.1f} %, same exit layer {100 * check['same_exit_layer']:.1f} %, exit logits "
           f"within {check['max_logit_difference']:.1e})")
-    if args.quantize is not None or args.measure:
-        exported = load_model(args.output, "onnx")
-        exported.export.exit_metrics = compare_exits(load_model(args.checkpoint, "torch"), exported, args.data_dir)
-        write_export_config(exported.config, exported.export, Path(args.output))
+    if info.exit_metrics:
         print("dev metric of every exit (and of the calibrated policy, with its layer speed-up):")
-        print(table(exported.export.exit_metrics, list(exported.export.exit_metrics[-1])))
-    print(f"run it with: de3bert serve {args.output}  (or predict / bench {args.output} --runtime onnx)")
+        print(table(info.exit_metrics, list(info.exit_metrics[-1])))
+    print(f"run it with: de3bert serve {args.output}  (or predict / bench {args.output}), or from any ONNX Runtime "
+          "(docs/serving.md)")
