@@ -1,13 +1,16 @@
 """Wall-clock study: what the user gains against what they would otherwise deploy.
 
 For each (backbone, task) it trains the DE³ checkpoint once (cached under results/cache/), exports it
-to ONNX (cached beside it, again whenever the checkpoint changed), and times side by side, in one
-interleaved run with the same thread count: the plain model on PyTorch and on ONNX Runtime, and our
-engine on PyTorch and on ONNX Runtime — at full depth, computing every head without exiting, and at
-calibrated layer speed-ups of 1.5x/2x/3x — at batch 1, in batches of 32 and in pools of 256. With
---quantize int8 the int8 export is timed too, in a run of its own (plain ONNX Runtime int8 as the
-reference, each row with its accuracy). Writes results/wallclock/<backbone>-<task>[-int8].json and
-.png, results/wallclock/summary.json and the markdown tables results/wallclock/table.md.
+to ONNX (one self-exiting graph, cached beside it, again whenever the checkpoint changed), and times
+side by side, in one interleaved run with the same thread count: the plain model on PyTorch and on
+ONNX Runtime, and ours on PyTorch (the engine's layer loop) and on ONNX Runtime (the exported graph)
+— at full depth, computing every head without exiting, and at calibrated layer speed-ups of
+1.5x/2x/3x — at batch 1, in batches of 32 and in pools of 256. With --quantize int8 the int8 export is
+timed too, in a run of its own (plain ONNX Runtime int8 as the reference, each row with its accuracy).
+Writes results/wallclock/<backbone>-<task>[-int8].json and .png, results/wallclock/summary.json, the
+markdown tables results/wallclock/table.md, and the line a user feels — the int8 graph at each
+calibrated target against the plain PyTorch model in float32, with dev accuracy next to full depth's —
+in results/wallclock/user_line.md, with the CPU model beside it.
 
     .venv/bin/python benchmarks/wallclock.py                       # MiniLM-L6 on SST-2 and RTE
     .venv/bin/python benchmarks/wallclock.py --checkpoint sst2=runs/demo-sst2 --checkpoint rte=runs/rte-de3
@@ -24,9 +27,9 @@ import json
 from pathlib import Path
 
 from de3bert.apps.bench import BenchSettings, plot_benchmark, run_benchmark
+from de3bert.apps.export import export_and_measure
 from de3bert.apps.runtimes import weights_digest
 from de3bert.errors import CheckpointError
-from de3bert.onnx.export import export_checkpoint
 from de3bert.onnx.format import read_export_info
 from de3bert.training.arguments import TrainingArguments
 from de3bert.training.launch import train
@@ -56,8 +59,35 @@ def exported(source: Path, name: str, quantize: str | None, data_dir: str | None
     except (CheckpointError, OSError):
         current = False
     if not current:
-        export_checkpoint(source, folder, quantize, measure=quantize is not None, data_dir=data_dir)
+        export_and_measure(source, folder, quantize, measure=quantize is not None, data_dir=data_dir)
     return folder
+
+
+def cpu_model() -> str:
+    """The CPU's model name (lscpu), with AMX where it has it: speed-ups against PyTorch depend on it."""
+    import subprocess
+
+    lines = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout.splitlines()
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("Model name")), "unknown CPU")
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return name + (" with AMX" if "amx_bf16" in flags else "")
+
+
+def user_line(summary: list[dict], cpu: str) -> str:
+    """The int8 graph at each calibrated target against the plain PyTorch model in float32, at batch 1 and in
+    batches, with its dev accuracy next to full depth's (PyTorch, float32)."""
+    lines = [f"CPU: {cpu}\n", "| backbone / task | system | vs plain PyTorch fp32, batch 1 | batch 32 | metric | "
+             "full depth (PyTorch fp32) | drop (points) |", "|---|---|---|---|---|---|---|"]
+    for backbone, task in dict.fromkeys((r["backbone"], r["task"]) for r in summary if r["precision"] == "int8"):
+        rows = [r for r in summary if (r["backbone"], r["task"], r["precision"]) == (backbone, task, "int8")]
+        full = next(r["metric"] for r in rows if r["system"] == "ours PyTorch, full depth")
+        for row in rows:
+            if row["runtime"] != "ORT int8" or "metric" not in row or "every head" in row["system"]:
+                continue
+            batch1, batched = row["speedup_vs_plain_PyTorch_batch1"], row["speedup_vs_plain_PyTorch_batched"]
+            lines.append(f"| {backbone} / {task} | {row['system']} | {batch1:.2f}x | {batched:.2f}x "
+                         f"| {row['metric']:.4f} | {full:.4f} | {100 * (full - row['metric']):+.1f} |")
+    return "\n".join(lines) + "\n"
 
 
 def _ratio(row: dict, mode: str) -> str:
@@ -123,12 +153,14 @@ def main() -> None:
                 (out / f"{name}.json").write_text(json.dumps(report, indent=2))
                 plot_benchmark(report, out / f"{name}.png")
                 for row in report["rows"]:
-                    summary.append({"backbone": backbone, "task": task, "precision": precision,
+                    summary.append({"backbone": backbone, "task": task, "precision": precision, "cpu": cpu_model(),
                                     "reference": report["reference"], **{k: v for k, v in row.items() if k != "policy"}})
                     print(json.dumps(summary[-1]))
+    cpu = cpu_model()
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (out / "table.md").write_text(markdown_table(summary))
-    print(markdown_table(summary))
+    (out / "table.md").write_text(f"CPU: {cpu}\n" + markdown_table(summary))
+    (out / "user_line.md").write_text(user_line(summary, cpu))
+    print(markdown_table(summary) + "\n" + user_line(summary, cpu))
 
 
 if __name__ == "__main__":
