@@ -280,9 +280,8 @@ def run_benchmark(folder: str | Path, task_name: str | None = None, data_dir: st
 
 def plot_benchmark(report: dict, path: str | Path) -> Path:
     """Bar chart of measured wall-clock speed-up next to the layer speed-up, for each batching mode."""
-    import matplotlib
+    from de3bert.evaluation.plots import save_figure  # first: it sets matplotlib's file-only backend
 
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = report["rows"]
@@ -304,9 +303,4 @@ def plot_benchmark(report: dict, path: str | Path) -> Path:
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{report['task']} {report['split']}, {report['backbone']} ({report['num_layers']} layers), "
                  f"{report['threads']} threads")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -65,6 +65,11 @@ def plot_tradeoff(sweeps: dict[str, list[dict]], path: str | Path, title: str, m
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Write a figure as a PNG (its folder created) and close it."""
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ criterion that moves in whole layers, as patience does).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TypeVar
 
 import torch
@@ -199,10 +200,10 @@ def promise_row(policy: ExitPolicy, outputs: LayerOutputs, target_speedup: float
     return row | ({"warning": warning} if warning else {})
 
 
-def calibrate_targets(criterion: str, outputs: LayerOutputs, targets: tuple[float, ...], task: TaskSpec | None = None,
-                      resamples: int = RESAMPLES, seed: int = 0, **grid) -> list[dict]:
-    """For each target speed-up, the most conservative policy of the criterion reaching it on these inputs, as a
-    `promise_row` (an unreachable target: a row with the error)."""
+def per_target(criterion: str, outputs: LayerOutputs, targets: tuple[float, ...],
+               row: Callable[[ExitPolicy, float], dict], **grid) -> list[dict]:
+    """For each target speed-up, `row` of the most conservative policy of the criterion reaching it on these
+    outputs (an unreachable target: a row with the error)."""
     rows = []
     for target in targets:
         try:
@@ -210,8 +211,16 @@ def calibrate_targets(criterion: str, outputs: LayerOutputs, targets: tuple[floa
         except PolicyError as exc:
             rows.append({"criterion": criterion, "target_speedup": target, "error": str(exc)})
             continue
-        rows.append(promise_row(policy, outputs, target, task, resamples, seed))
+        rows.append(row(policy, target))
     return rows
+
+
+def calibrate_targets(criterion: str, outputs: LayerOutputs, targets: tuple[float, ...], task: TaskSpec | None = None,
+                      resamples: int = RESAMPLES, seed: int = 0, **grid) -> list[dict]:
+    """For each target speed-up, the most conservative policy of the criterion reaching it on these inputs, as a
+    `promise_row` (an unreachable target: a row with the error)."""
+    return per_target(criterion, outputs, targets,
+                      lambda policy, target: promise_row(policy, outputs, target, task, resamples, seed), **grid)
 
 
 def full_depth_metric(outputs: LayerOutputs, task: TaskSpec) -> float:
@@ -322,16 +331,9 @@ def choose_policy(criteria: tuple[str, ...], calibration: LayerOutputs, task: Ta
 def calibrated_table(criteria: tuple[str, ...], calibration: LayerOutputs, evaluation: LayerOutputs, task: TaskSpec,
                      targets: tuple[float, ...] = TARGET_SPEEDUPS, **grid) -> list[dict]:
     """For each criterion and target speed-up: τ calibrated on one split, measured on another."""
-    rows = []
-    for criterion in criteria:
-        for target in targets:
-            try:
-                policy = calibrate(criterion, calibration, target, **grid)
-            except PolicyError as exc:
-                rows.append({"criterion": criterion, "target_speedup": target, "error": str(exc)})
-                continue
-            rows.append({"target_speedup": target, **evaluate_policy(policy, evaluation, task)})
-    return rows
+    return [row for criterion in criteria for row in per_target(
+        criterion, calibration, targets,
+        lambda policy, target: {"target_speedup": target, **evaluate_policy(policy, evaluation, task)}, **grid)]
 
 
 def _margin(row: dict, selection: dict) -> str:
