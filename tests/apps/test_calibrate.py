@@ -164,9 +164,18 @@ def test_an_export_is_calibrated_in_place_and_keeps_its_onnx_section(checkpoint,
     section = json.loads((exported / "config.json").read_text())["onnx"]
     calibration = calibrate_folder(exported, traffic, (2.0,))
     data = json.loads((exported / "config.json").read_text())
-    assert data["onnx"] == section and data["de3bert"]["policy"]["threshold"] == calibration.default["threshold"]
+    policy = data["de3bert"]["policy"]
+    assert policy["threshold"] == calibration.default["threshold"]
+    assert data["onnx"] == section | {"policy": policy}  # the export's section kept, with the policy it now serves
     layers, num_layers = engine_exit_layers(exported, [e.text_a for e in read_inputs(read_config(exported), traffic)])
     assert num_layers * len(layers) / sum(layers) == pytest.approx(calibration.default["speedup"], rel=0.02)
+    # the graph's own defaults follow, for the runtimes that cannot feed the policy inputs (onnxruntime-node)
+    import onnx
+
+    graph = onnx.load(str(exported / "model.onnx")).graph
+    defaults = {init.name: float(onnx.numpy_helper.to_array(init)) for init in graph.initializer
+                if init.name in ("threshold", "patience")}
+    assert defaults["threshold"] == pytest.approx(policy["threshold"]) and defaults["patience"] == policy["patience"]
 
 
 def test_an_interrupted_write_leaves_the_folder_as_it_was(folder, traffic, monkeypatch):

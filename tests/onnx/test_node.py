@@ -17,12 +17,11 @@ from de3bert.exits.criteria import CRITERIA
 from de3bert.exits.engine import EarlyExitEngine
 from de3bert.exits.policies import ExitPolicy
 from de3bert.model.modeling import EarlyExitModel
-from de3bert.onnx.format import GRAPH_NAME, OUTPUTS, POLICY_INPUTS
+from de3bert.onnx.format import GRAPH_NAME, OUTPUTS, POLICY_INPUTS, write_policy_defaults
 from de3bert.onnx.runtime import OnnxEarlyExitModel
 
 pytest.importorskip("onnxruntime")
 
-import onnx  # noqa: E402  (installed with onnxruntime, the onnx extra)
 
 NODE_DIR = Path(__file__).parent / "node"
 NODE = shutil.which("node")
@@ -56,15 +55,11 @@ def policy_array(name: str, value: float) -> np.ndarray:
 
 def with_defaults(graph: Path, values: dict[str, float], output: Path) -> Path:
     """A copy of the graph whose optional inputs default to `values` instead (what a runtime that cannot feed them
-    runs; docs/serving.md)."""
-    model = onnx.load(str(graph))
-    for initializer in model.graph.initializer:
-        if initializer.name in values:
-            initializer.CopyFrom(onnx.numpy_helper.from_array(policy_array(initializer.name,
-                                                                           values[initializer.name]),
-                                                              initializer.name))
-    onnx.save(model, str(output))
-    return output
+    runs; docs/serving.md), written by the library's own `write_policy_defaults`."""
+    output.mkdir(parents=True, exist_ok=True)
+    shutil.copy(graph, output / GRAPH_NAME)
+    write_policy_defaults(output, values)
+    return output / GRAPH_NAME
 
 
 @pytest.fixture(scope="module")
@@ -118,9 +113,9 @@ def test_node_runs_the_graph_as_python_does(exported, tokens, tiny_checkpoint, t
     full_depth = never_confident(policy)
     graphs = {"default": (tiny_export / GRAPH_NAME, {}),
               "threshold": (with_defaults(tiny_export / GRAPH_NAME, {"threshold": full_depth},
-                                          tmp_path / "threshold.onnx"), {"threshold": full_depth}),
+                                          tmp_path / "threshold"), {"threshold": full_depth}),
               "cap": (with_defaults(tiny_export / GRAPH_NAME, {"threshold": full_depth, "max_layer": 3},
-                                    tmp_path / "cap.onnx"), {"threshold": full_depth, "max_layer": 3})}
+                                    tmp_path / "cap"), {"threshold": full_depth, "max_layer": 3})}
     node = {name: run_node(graph, [tokens], tmp_path)[1][0] for name, (graph, _) in graphs.items()}
     for name, (_, inputs) in graphs.items():
         assert_same(node[name], python_graph(exported, tokens, inputs))

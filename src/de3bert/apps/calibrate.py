@@ -28,7 +28,7 @@ from de3bert.exits.runners import ExitRunner, runner_criteria
 from de3bert.model.card import write_model_card
 from de3bert.model.heads import HeadReads
 from de3bert.model.config import EarlyExitConfig, write_config
-from de3bert.onnx.format import is_export, read_export_info, write_export_config
+from de3bert.onnx.format import is_export, read_export_info, write_export_config, write_policy_defaults
 
 
 @dataclass
@@ -143,11 +143,15 @@ def recalibrated(config: EarlyExitConfig, criterion: str, rows: list[dict], defa
 
 def write_calibration(folder: str | Path, config: EarlyExitConfig) -> None:
     """Write a recalibrated config into its folder — a checkpoint's config.json, or an export's with its "onnx"
-    section kept — atomically (a process killed meanwhile leaves the old config.json, and the folder loads), then
+    section kept and the graph's policy defaults rewritten (runtimes that cannot feed the policy inputs run those) —
+    atomically file by file (a process killed meanwhile leaves each file old or new, and the folder loads), then
     renew a checkpoint's model card."""
     folder = Path(folder)
     if is_export(folder):
-        write_export_config(config, read_export_info(folder), folder)
+        info = read_export_info(folder)
+        info.policy = dict(config.policy)
+        write_policy_defaults(folder, info.policy)  # de3bert's runtime feeds config.json's policy either way
+        write_export_config(config, info, folder)
         return
     write_config(config, folder)
     write_model_card(config, folder)

@@ -100,3 +100,21 @@ def export_digest(directory: Path) -> str:
     if not graphs:
         raise CheckpointError(f"{directory} holds no ONNX graph")
     return files_digest(graphs)
+
+
+def write_policy_defaults(directory: Path, policy: dict) -> None:
+    """Rewrite the defaults of an exported graph's policy inputs (threshold, patience, lam, max_layer: those of them
+    it has and `policy` gives, for a policy of its criterion), atomically: what runtimes that cannot feed those
+    inputs run (onnxruntime-node, Triton with batching; docs/serving.md)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    path = Path(directory) / GRAPH_NAME
+    model = onnx.load(str(path))
+    inputs = {value.name for value in model.graph.input}
+    for initializer in model.graph.initializer:
+        if initializer.name in inputs and initializer.name in policy and initializer.name in POLICY_INPUTS:
+            value = np.array(policy[initializer.name], POLICY_INPUTS[initializer.name])
+            initializer.CopyFrom(numpy_helper.from_array(value, initializer.name))
+    write_file(path, lambda handle: handle.write(model.SerializeToString()))
