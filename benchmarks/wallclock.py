@@ -124,6 +124,8 @@ def main() -> None:
     parser.add_argument("--latency-inputs", type=int, default=200, help="inputs timed one at a time")
     parser.add_argument("--throughput-inputs", type=int, help="dev inputs timed in batches (default: all)")
     parser.add_argument("--repeats", type=int, default=3, help="repeated passes (medians)")
+    parser.add_argument("--targets", type=float, nargs="+", default=[1.5, 2.0, 2.5, 3.0],
+                        help="layer speed-ups the thresholds are calibrated to")
     parser.add_argument("--threads", type=int, default=2, help="threads of every system")
     parser.add_argument("--quantize", choices=["int8"], help="also time the int8 export, in a run of its own")
     parser.add_argument("--checkpoint", action="append", default=[], metavar="TASK=DIR",
@@ -131,6 +133,7 @@ def main() -> None:
     parser.add_argument("--data-dir", help="GLUE folder (default: $GLUE_DIR, else ../shared/data/glue)")
     args = parser.parse_args()
     given = dict(item.split("=", 1) for item in args.checkpoint)
+    cpu = cpu_model()
     out = RESULTS / "wallclock"
     out.mkdir(parents=True, exist_ok=True)
     precisions = ["float32"] + ([args.quantize] if args.quantize else [])
@@ -147,16 +150,16 @@ def main() -> None:
                 quantize = None if precision == "float32" else precision
                 folder = exported(source, f"{backbone}-{task}", quantize, args.data_dir)
                 report = run_benchmark(folder, task, args.data_dir,
-                                       BenchSettings(latency_inputs=args.latency_inputs, repeats=args.repeats,
-                                                     throughput_inputs=args.throughput_inputs, threads=args.threads))
+                                       BenchSettings(targets=tuple(args.targets), latency_inputs=args.latency_inputs,
+                                                     repeats=args.repeats, throughput_inputs=args.throughput_inputs,
+                                                     threads=args.threads))
                 name = f"{backbone}-{task}" + (f"-{quantize}" if quantize else "")
                 (out / f"{name}.json").write_text(json.dumps(report, indent=2))
                 plot_benchmark(report, out / f"{name}.png")
                 for row in report["rows"]:
-                    summary.append({"backbone": backbone, "task": task, "precision": precision, "cpu": cpu_model(),
+                    summary.append({"backbone": backbone, "task": task, "precision": precision, "cpu": cpu,
                                     "reference": report["reference"], **{k: v for k, v in row.items() if k != "policy"}})
                     print(json.dumps(summary[-1]))
-    cpu = cpu_model()
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "table.md").write_text(f"CPU: {cpu}\n" + markdown_table(summary))
     (out / "user_line.md").write_text(user_line(summary, cpu))
