@@ -64,20 +64,22 @@ def exported(source: Path, name: str, quantize: str | None, data_dir: str | None
 
 
 def cpu_model() -> str:
-    """The CPU's model name (lscpu), with AMX where it has it: speed-ups against PyTorch depend on it."""
+    """The CPU's model name (lscpu) and its matrix extensions (AVX-512, AMX): speed-ups against PyTorch depend on
+    them."""
     import subprocess
 
     lines = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout.splitlines()
     name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("Model name")), "unknown CPU")
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    return name + (" with AMX" if "amx_bf16" in flags else "")
+    extensions = [label for flag, label in (("avx512f", "AVX-512"), ("amx_bf16", "AMX")) if f" {flag}" in flags]
+    return f"{name} ({', '.join(extensions) or 'no AVX-512'})"
 
 
 def user_line(summary: list[dict], cpu: str) -> str:
     """The int8 graph at each calibrated target against the plain PyTorch model in float32, at batch 1 and in
     batches, with its dev accuracy next to full depth's (PyTorch, float32)."""
     lines = [f"CPU: {cpu}\n", "| backbone / task | system | vs plain PyTorch fp32, batch 1 | batch 32 | metric | "
-             "full depth (PyTorch fp32) | drop (points) |", "|---|---|---|---|---|---|---|"]
+             "full depth (PyTorch fp32) | vs full depth (points) |", "|---|---|---|---|---|---|---|"]
     for backbone, task in dict.fromkeys((r["backbone"], r["task"]) for r in summary if r["precision"] == "int8"):
         rows = [r for r in summary if (r["backbone"], r["task"], r["precision"]) == (backbone, task, "int8")]
         full = next(r["metric"] for r in rows if r["system"] == "ours PyTorch, full depth")
@@ -86,7 +88,7 @@ def user_line(summary: list[dict], cpu: str) -> str:
                 continue
             batch1, batched = row["speedup_vs_plain_PyTorch_batch1"], row["speedup_vs_plain_PyTorch_batched"]
             lines.append(f"| {backbone} / {task} | {row['system']} | {batch1:.2f}x | {batched:.2f}x "
-                         f"| {row['metric']:.4f} | {full:.4f} | {100 * (full - row['metric']):+.1f} |")
+                         f"| {row['metric']:.4f} | {full:.4f} | {100 * (row['metric'] - full):+.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -160,6 +162,7 @@ def main() -> None:
                     summary.append({"backbone": backbone, "task": task, "precision": precision, "cpu": cpu,
                                     "reference": report["reference"], **{k: v for k, v in row.items() if k != "policy"}})
                     print(json.dumps(summary[-1]))
+    summary.sort(key=lambda row: (row["backbone"], row["task"], row["precision"]))  # stable: systems keep their order
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "table.md").write_text(f"CPU: {cpu}\n" + markdown_table(summary))
     (out / "user_line.md").write_text(user_line(summary, cpu))

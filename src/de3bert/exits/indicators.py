@@ -2,7 +2,7 @@
 
 All lie in [0, 1] with lower = more certain, except max-probability (higher = more certain). The
 criteria (`criteria.py`) say which one each criterion reads; `head_indicators` computes all of them
-next to a head, which is what an exported head graph traces, so every runtime runs these functions.
+next to a head, which is what the exported graph's exit steps trace, so every runtime runs these functions.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ INDICATORS: dict[str, Indicator] = {
 def head_indicators(logits: torch.Tensor, distances: torch.Tensor | None,
                     lam: float | torch.Tensor = 1.0) -> dict[str, torch.Tensor]:
     """The prediction and every indicator a policy can read from one head output (the prototype ones only with
-    distances): what an exported head graph computes next to its head, from these very functions."""
+    distances): what an exported graph's exit step computes next to its head, from these very functions."""
     probs, prediction = class_probabilities(logits)
     names = [name for name in INDICATORS if distances is not None or name not in PROTOTYPE_INDICATORS]
     return {"prediction": prediction} | {name: INDICATORS[name](probs, distances, lam) for name in names}

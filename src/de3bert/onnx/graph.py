@@ -54,7 +54,7 @@ COMPACTIONS = ("when-needed", "always")
 
 class InputGraph(nn.Module):
     """Token ids and mask → embedding output (B, T, H), the additive attention bias and, for MPNet, the position
-    bias: the embeddings and context graphs of the per-layer export, traced as one piece."""
+    bias: the encoder's embeddings and the context every layer reads, traced as one piece."""
 
     def __init__(self, model: EarlyExitModel):
         super().__init__()

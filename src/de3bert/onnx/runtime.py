@@ -105,7 +105,7 @@ class OnnxEarlyExitModel:
     def layer_outputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       token_type_ids: torch.Tensor | None = None, reads: HeadReads = HeadReads(True)) -> list[HeadOutput]:
         """Every exit head's output for a batch: the logits, and the graph's criterion's indicator (λ: reads.lam)
-        with the prediction, as a head graph computes them (no prototype distances: the indicator stands for them)."""
+        with the prediction, as the graph's exit steps compute them (no prototype distances: the indicator stands for them)."""
         if "max_layer" not in self.policy_inputs:
             raise CheckpointError(f"the graph of {self.directory} has no max_layer input to read every exit with; "
                                   "export the checkpoint again")
