@@ -94,9 +94,15 @@ class SelfExitingRunner(Protocol):
         """Early-exit forward of a padded batch under `policy` (an ExitPolicy), in chunks of chunk_size rows."""
 
 
+_SELF_EXITING_KINDS: dict[type, bool] = {}
+
+
 def is_self_exiting(model: ExitRunner) -> bool:
     """Whether a model decides exits by itself (else the engine steps through its layers)."""
-    return isinstance(model, SelfExitingRunner)
+    kind = type(model)  # a protocol's isinstance inspects every member (µs per call): asked once per class
+    if kind not in _SELF_EXITING_KINDS:
+        _SELF_EXITING_KINDS[kind] = isinstance(model, SelfExitingRunner)
+    return _SELF_EXITING_KINDS[kind]
 
 
 def runner_criteria(model: ExitRunner) -> tuple[str, ...]:

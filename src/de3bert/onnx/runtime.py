@@ -77,27 +77,36 @@ class OnnxEarlyExitModel:
     def run_graph(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None,
                   inputs: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The graph's (logits, exit_layer, indicator) for a padded batch and values of its policy inputs."""
-        tokens = {"input_ids": input_ids, "attention_mask": attention_mask,
-                  "token_type_ids": torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids}
-        feed = {name: np.ascontiguousarray(value.cpu().numpy(), dtype=np.int64) for name, value in tokens.items()
-                if name in self.token_inputs}
-        feed |= {name: np.array(value, NUMPY_TYPES[POLICY_INPUTS[name]]) for name, value in inputs.items()}
-        logits, exit_layers, indicators = self.session.run(list(OUTPUTS), feed)
-        return torch.from_numpy(logits), torch.from_numpy(exit_layers), torch.from_numpy(indicators)
+        return self._run(self._token_arrays(input_ids, attention_mask, token_type_ids), inputs)
+
+    def _token_arrays(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      token_type_ids: torch.Tensor | None) -> dict[str, np.ndarray]:
+        """The token inputs the graph takes, as int64 arrays (token types: zeros unless given)."""
+        tokens = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+        arrays = {name: np.ascontiguousarray(value.cpu().numpy(), dtype=np.int64) for name, value in tokens.items()
+                  if value is not None and name in self.token_inputs}
+        if "token_type_ids" in self.token_inputs and "token_type_ids" not in arrays:
+            arrays["token_type_ids"] = np.zeros_like(arrays["input_ids"])
+        return arrays
+
+    def _run(self, tokens: dict[str, np.ndarray], inputs: dict[str, float]) -> tuple[torch.Tensor, ...]:
+        """The graph's outputs for token arrays and values of its policy inputs."""
+        feed = tokens | {name: np.array(value, NUMPY_TYPES[POLICY_INPUTS[name]]) for name, value in inputs.items()}
+        return tuple(torch.from_numpy(output) for output in self.session.run(list(OUTPUTS), feed))
 
     def exit_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None,
                    policy: ExitPolicy, chunk_size: int) -> BatchExits:
         """Early-exit forward of a padded batch under a policy, in chunks of chunk_size rows (each cut to the
         padding its longest row needs); the rows leave inside the graph."""
         inputs = self.graph_inputs(policy)
+        tokens = self._token_arrays(input_ids, attention_mask, token_type_ids)
+        lengths = tokens["attention_mask"].sum(-1)
         parts = []
         for start in range(0, input_ids.shape[0], chunk_size):
-            rows = slice(start, start + chunk_size)
-            mask = attention_mask[rows]
-            length = int(mask.sum(-1).max())
-            types = None if token_type_ids is None else token_type_ids[rows, :length]
-            parts.append(self.run_graph(input_ids[rows, :length], mask[:, :length], types, inputs))
-        logits, exit_layers, indicators = (torch.cat(part) for part in zip(*parts))
+            rows, length = slice(start, start + chunk_size), int(lengths[start:start + chunk_size].max())
+            parts.append(self._run({name: np.ascontiguousarray(array[rows, :length]) for name, array in tokens.items()},
+                                   inputs))
+        logits, exit_layers, indicators = parts[0] if len(parts) == 1 else (torch.cat(part) for part in zip(*parts))
         if policy.criterion != self.criterion:  # full depth reads the exit head itself (its entropy), not the graph's
             indicators = policy.indicator(HeadOutput(logits), None)[0]
         return BatchExits(logits, class_probabilities(logits)[1], exit_layers, indicators)
